@@ -1,0 +1,87 @@
+//! One short-lived gRPC call to the node agent over its unix socket, with a deadline that
+//! covers connecting too. The tokio runtime is built only on paths that call the agent.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sluice_proto::FIELD_METADATA_KEY;
+use sluice_proto::v1::agent_client::AgentClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::*;
+
+pub type Client = AgentClient<Channel>;
+
+/// Runs `call` against the agent at `socket`; every failure becomes the CNI error a runtime
+/// should see.
+pub fn call<T, F, Fut>(socket: &str, timeout: Duration, call: F) -> Result<T, CniError>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let unreachable = |why: String| {
+        CniError::new(
+            TRY_AGAIN_LATER,
+            format!("sluice agent at {socket} is unreachable: {why}"),
+        )
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| unreachable(format!("cannot start the client runtime: {e}")))?;
+    rt.block_on(async {
+        let work = async {
+            let channel = Endpoint::try_from(format!("unix://{socket}"))
+                .map_err(|e| unreachable(e.to_string()))?
+                .connect()
+                .await
+                .map_err(|e| unreachable(source_chain(&e)))?;
+            call(AgentClient::new(channel))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| from_status(socket, &s))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(unreachable(format!(
+                    "no answer within {} ms",
+                    timeout.as_millis()
+                )))
+            })
+    })
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
+
+/// Maps an agent status to a CNI code, using the field the agent names.
+fn from_status(socket: &str, s: &Status) -> CniError {
+    let field = s
+        .metadata()
+        .get(FIELD_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let code = match s.code() {
+        Code::InvalidArgument if matches!(field, "netns" | "container_id") => INVALID_ENV,
+        Code::InvalidArgument => INVALID_CONFIG,
+        Code::NotFound if field == "netns" => UNKNOWN_CONTAINER,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => TRY_AGAIN_LATER,
+        Code::PermissionDenied => PERMISSION_DENIED,
+        _ => AGENT_FAILED,
+    };
+    let msg = match code {
+        TRY_AGAIN_LATER => format!("sluice agent at {socket} is unavailable: {}", s.message()),
+        _ => format!("sluice: {}", s.message()),
+    };
+    CniError::new(code, msg)
+}

@@ -1,0 +1,208 @@
+//! What the runtime hands us: the network config on stdin and the CNI_* environment.
+//!
+//! Hand-written serde types rather than the `rscni`/`rscni-plugin` crates: rscni parses
+//! `prevResult` into a typed result and serializes it again, which drops keys it does not know
+//! and empty sections, while a chained plugin must hand `prevResult` on unchanged. Keeping it
+//! as a `RawValue` prints exactly the bytes we were given. The rest we need is a handful of
+//! fields, and we want to own the error codes for each failure.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::{CniError, DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENV};
+
+/// The newest spec version we implement.
+pub const LATEST_VERSION: &str = "1.1.0";
+/// Every version we accept on stdin (what VERSION prints).
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// Where the agent listens unless the config says otherwise.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/sluice/agent.sock";
+/// How long one call to the agent may take, connect included, unless configured.
+pub const DEFAULT_TIMEOUT_MS: u64 = 2000;
+
+#[derive(Debug, Deserialize)]
+pub struct NetConf {
+    #[serde(rename = "cniVersion")]
+    pub cni_version: String,
+    #[serde(rename = "prevResult")]
+    pub prev_result: Option<Box<RawValue>>,
+    #[serde(rename = "runtimeConfig", default)]
+    pub runtime_config: RuntimeConfig,
+    /// Our own conflist keys.
+    #[serde(rename = "agentSocket")]
+    pub agent_socket: Option<String>,
+    #[serde(rename = "timeoutMs")]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RuntimeConfig {
+    #[serde(rename = "io.kubernetes.cri.pod-annotations", default)]
+    pub pod_annotations: HashMap<String, String>,
+    /// GC: the attachments the runtime still considers alive.
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Vec<ValidAttachment>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ValidAttachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
+        let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(DECODE_FAILURE, "cannot decode the network config on stdin")
+                .details(e.to_string())
+        })?;
+        if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+            return Err(CniError::new(
+                INCOMPATIBLE_VERSION,
+                format!("cniVersion {:?} is not supported", conf.cni_version),
+            )
+            .details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))));
+        }
+        Ok(conf)
+    }
+
+    pub fn socket(&self) -> &str {
+        self.agent_socket.as_deref().unwrap_or(DEFAULT_AGENT_SOCKET)
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS))
+    }
+
+    /// The pod's addresses from `prevResult.ips[].address`.
+    pub fn pod_ips(&self) -> Vec<String> {
+        #[derive(Deserialize)]
+        struct Prev {
+            #[serde(default)]
+            ips: Vec<Ip>,
+        }
+        #[derive(Deserialize)]
+        struct Ip {
+            address: String,
+        }
+        self.prev_result
+            .as_ref()
+            .and_then(|raw| serde_json::from_str::<Prev>(raw.get()).ok())
+            .map(|p| p.ips.into_iter().map(|ip| ip.address).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The CNI_* environment of one invocation.
+#[derive(Debug, Default)]
+pub struct Env {
+    pub command: String,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    /// K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID from CNI_ARGS.
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+}
+
+impl Env {
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Self {
+        let mut env = Env {
+            command: get("CNI_COMMAND").unwrap_or_default(),
+            container_id: get("CNI_CONTAINERID").unwrap_or_default(),
+            netns: get("CNI_NETNS").unwrap_or_default(),
+            ifname: get("CNI_IFNAME").unwrap_or_default(),
+            ..Default::default()
+        };
+        for pair in get("CNI_ARGS").unwrap_or_default().split(';') {
+            match pair.split_once('=') {
+                Some(("K8S_POD_NAMESPACE", v)) => env.pod_namespace = v.to_owned(),
+                Some(("K8S_POD_NAME", v)) => env.pod_name = v.to_owned(),
+                Some(("K8S_POD_UID", v)) => env.pod_uid = v.to_owned(),
+                _ => {}
+            }
+        }
+        env
+    }
+
+    /// ADD and CHECK need a container id and a netns.
+    pub fn require_attach_fields(&self) -> Result<(), CniError> {
+        for (name, value) in [
+            ("CNI_CONTAINERID", &self.container_id),
+            ("CNI_NETNS", &self.netns),
+        ] {
+            if value.is_empty() {
+                return Err(CniError::new(
+                    INVALID_ENV,
+                    format!("{name} is required for {}", self.command),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args_yield_the_pod_identity() {
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1",
+            ),
+        ];
+        let env = Env::from_env(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        });
+        assert_eq!(
+            (
+                env.pod_namespace.as_str(),
+                env.pod_name.as_str(),
+                env.pod_uid.as_str()
+            ),
+            ("ns", "web-0", "u-1")
+        );
+    }
+
+    #[test]
+    fn prev_result_is_kept_verbatim_and_ips_are_read() {
+        let stdin = br#"{"cniVersion":"1.0.0","name":"n","type":"sluice-cni","prevResult":{"cniVersion":"1.0.0", "ips":[{"address":"10.1.0.5/24","interface":2}],"x-extra":{"b":1,"a":2}}}"#;
+        let conf = NetConf::parse(stdin).expect("parses");
+        assert_eq!(
+            conf.prev_result.as_ref().map(|r| r.get()),
+            Some(
+                r#"{"cniVersion":"1.0.0", "ips":[{"address":"10.1.0.5/24","interface":2}],"x-extra":{"b":1,"a":2}}"#
+            )
+        );
+        assert_eq!(conf.pod_ips(), vec!["10.1.0.5/24".to_owned()]);
+    }
+
+    #[test]
+    fn unsupported_version_and_garbage_have_distinct_codes() {
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"0.2.0"}"#)
+                .unwrap_err()
+                .code,
+            INCOMPATIBLE_VERSION
+        );
+        assert_eq!(
+            NetConf::parse(b"\x00garbage").unwrap_err().code,
+            DECODE_FAILURE
+        );
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.0.0","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"a":1}}}"#)
+                .unwrap_err()
+                .code,
+            DECODE_FAILURE
+        );
+    }
+}

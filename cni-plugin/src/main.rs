@@ -1,0 +1,212 @@
+//! `sluice-cni`: a chained CNI plugin. Thin and stateless: it reads the runtime's request,
+//! forwards pods that opted in to `sluice-agent` over gRPC, passes `prevResult` through, and
+//! prints a CNI result or error. Pods that did not opt in never reach the agent.
+#![forbid(unsafe_code)]
+
+mod agent;
+mod conf;
+mod error;
+
+use std::io::{Read, Write};
+
+use sluice_proto::v1::{
+    AttachRequest, CheckRequest, DetachRequest, ListRequest, PodRef, StatusRequest,
+};
+
+use crate::conf::{Env, LATEST_VERSION, NetConf, SUPPORTED_VERSIONS};
+use crate::error::*;
+
+/// The annotation that opts a pod in; only `disabled` (or its absence) skips the agent, so a
+/// typo in the value is rejected by the agent instead of silently leaving a pod uncaptured.
+const REDIRECT_ANNOTATION: &str = "sluice.dev/redirect";
+
+fn wants_capture(conf: &NetConf) -> bool {
+    conf.runtime_config
+        .pod_annotations
+        .get(REDIRECT_ANNOTATION)
+        .is_some_and(|v| v != "disabled")
+}
+
+fn pod(env: &Env) -> Option<PodRef> {
+    Some(PodRef {
+        namespace: env.pod_namespace.clone(),
+        name: env.pod_name.clone(),
+        uid: env.pod_uid.clone(),
+    })
+}
+
+fn annotations(conf: &NetConf) -> std::collections::HashMap<String, String> {
+    conf.runtime_config.pod_annotations.clone()
+}
+
+/// What to print on success.
+enum Output {
+    Nothing,
+    Text(String),
+}
+
+fn run(env: &Env, stdin: &[u8]) -> Result<Output, CniError> {
+    if env.command == "VERSION" {
+        return Ok(Output::Text(format!(
+            r#"{{"cniVersion":"{LATEST_VERSION}","supportedVersions":{}}}"#,
+            serde_json::to_string(SUPPORTED_VERSIONS).unwrap_or_default()
+        )));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let version = conf.cni_version.clone();
+    let result = match env.command.as_str() {
+        "ADD" => add(env, &conf),
+        "DEL" => Ok(del(env, &conf)),
+        "CHECK" => check(env, &conf),
+        "STATUS" => status(&conf),
+        "GC" => gc(&conf),
+        "" => Err(CniError::new(INVALID_ENV, "CNI_COMMAND is not set")),
+        other => Err(CniError::new(
+            INVALID_ENV,
+            format!("unknown CNI_COMMAND {other:?}"),
+        )),
+    };
+    result.map_err(|e| e.in_version(&version))
+}
+
+/// ADD: program capture if the pod asked for it, then hand `prevResult` on unchanged.
+fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
+    if wants_capture(conf) {
+        env.require_attach_fields()?;
+        let request = AttachRequest {
+            container_id: env.container_id.clone(),
+            netns: env.netns.clone(),
+            ifname: env.ifname.clone(),
+            pod: pod(env),
+            annotations: annotations(conf),
+            pod_ips: conf.pod_ips(),
+        };
+        agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+            c.attach(request).await
+        })?;
+    }
+    Ok(Output::Text(match &conf.prev_result {
+        Some(prev) => prev.get().to_owned(),
+        None => format!(r#"{{"cniVersion":"{}"}}"#, conf.cni_version),
+    }))
+}
+
+/// DEL: best effort and always successful. The rules live in the pod's netns and die with it,
+/// so an unreachable agent or a vanished netns must not block pod teardown.
+fn del(env: &Env, conf: &NetConf) -> Output {
+    if wants_capture(conf) && !env.container_id.is_empty() {
+        let request = DetachRequest {
+            container_id: env.container_id.clone(),
+            netns: env.netns.clone(),
+            ifname: env.ifname.clone(),
+        };
+        if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+            c.detach(request).await
+        }) {
+            eprintln!(
+                "sluice-cni: DEL of {} continues without the agent: {}",
+                env.container_id, e.msg
+            );
+        }
+    }
+    Output::Nothing
+}
+
+/// CHECK: fails when our table is missing or differs from the plan.
+fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
+    if !wants_capture(conf) {
+        return Ok(Output::Nothing);
+    }
+    env.require_attach_fields()?;
+    let request = CheckRequest {
+        container_id: env.container_id.clone(),
+        netns: env.netns.clone(),
+        annotations: annotations(conf),
+        pod_ips: conf.pod_ips(),
+        pod: pod(env),
+    };
+    let reply = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+        c.check(request).await
+    })?;
+    if reply.ok {
+        Ok(Output::Nothing)
+    } else {
+        Err(
+            CniError::new(DRIFT, "sluice capture ruleset is missing or has drifted")
+                .details(reply.drift.join("; ")),
+        )
+    }
+}
+
+/// STATUS: whether new pods can be served, which needs the agent.
+fn status(conf: &NetConf) -> Result<Output, CniError> {
+    let reply = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+        c.status(StatusRequest {}).await
+    })
+    .map_err(|e| CniError::new(NOT_AVAILABLE, e.msg))?;
+    if reply.ready {
+        Ok(Output::Nothing)
+    } else {
+        Err(CniError::new(
+            NOT_AVAILABLE,
+            format!("sluice agent is not ready: {}", reply.reason),
+        ))
+    }
+}
+
+/// GC: forget attachments the runtime no longer knows (their netns are gone or going).
+fn gc(conf: &NetConf) -> Result<Output, CniError> {
+    let valid: std::collections::HashSet<&str> = conf
+        .runtime_config
+        .valid_attachments
+        .iter()
+        .map(|a| a.container_id.as_str())
+        .collect();
+    let list = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+        c.list(ListRequest {}).await
+    })?;
+    for stale in list
+        .attachments
+        .into_iter()
+        .filter(|a| !valid.contains(a.container_id.as_str()))
+    {
+        let request = DetachRequest {
+            container_id: stale.container_id,
+            netns: stale.netns,
+            ifname: String::new(),
+        };
+        agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+            c.detach(request).await
+        })?;
+    }
+    Ok(Output::Nothing)
+}
+
+fn main() {
+    let env = Env::from_env(|k| std::env::var(k).ok());
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    // A panic would print Rust's message instead of CNI JSON: turn it into a CNI error.
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = match read {
+        Err(e) if env.command != "VERSION" => {
+            Err(CniError::new(DECODE_FAILURE, format!("reading stdin: {e}")))
+        }
+        _ => std::panic::catch_unwind(|| run(&env, &stdin))
+            .unwrap_or_else(|_| Err(CniError::new(AGENT_FAILED, "sluice-cni: internal error"))),
+    };
+    let mut out = std::io::stdout().lock();
+    let code = match outcome {
+        Ok(Output::Nothing) => 0,
+        Ok(Output::Text(text)) => {
+            let _ = writeln!(out, "{text}");
+            0
+        }
+        Err(e) => {
+            let _ = writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default());
+            1
+        }
+    };
+    let _ = out.flush();
+    std::process::exit(code);
+}

@@ -1,0 +1,137 @@
+//! Agent configuration: defaults, overlaid by an optional TOML file, overlaid by flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::netns::Root;
+use crate::plan::PlanDefaults;
+
+pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything the agent needs to run. Field docs say why the knob exists.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the plugin reaches us; its directory is created 0700 and the socket is 0600.
+    pub socket: PathBuf,
+    /// Where pod namespaces may live; anything else is refused.
+    pub netns_roots: Vec<Root>,
+    /// Peer uids (SO_PEERCRED) allowed to call the API; the plugin runs as root.
+    pub allow_uids: Vec<u32>,
+    pub log_format: LogFormat,
+    /// Node-wide plan defaults (ports, proxy uid/gid).
+    pub plan: PlanDefaults,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            netns_roots: Root::defaults(),
+            allow_uids: vec![0],
+            log_format: LogFormat::Text,
+            plan: PlanDefaults::default(),
+        }
+    }
+}
+
+/// The config file's shape; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub socket: Option<PathBuf>,
+    pub netns_roots: Option<Vec<String>>,
+    pub allow_uids: Option<Vec<u32>>,
+    pub log_format: Option<LogFormat>,
+    pub outbound_port: Option<u16>,
+    pub inbound_port: Option<u16>,
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
+    pub exclude_inbound_ports: Option<Vec<u16>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config {path:?}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Applies the file's keys over `cfg`.
+    pub fn apply(self, cfg: &mut AgentConfig) {
+        if let Some(v) = self.socket {
+            cfg.socket = v;
+        }
+        if let Some(v) = self.netns_roots {
+            cfg.netns_roots = v.iter().map(|s| Root::parse(s)).collect();
+        }
+        if let Some(v) = self.allow_uids {
+            cfg.allow_uids = v;
+        }
+        if let Some(v) = self.log_format {
+            cfg.log_format = v;
+        }
+        let p = &mut cfg.plan;
+        p.outbound_port = self.outbound_port.unwrap_or(p.outbound_port);
+        p.inbound_port = self.inbound_port.unwrap_or(p.inbound_port);
+        p.proxy_uid = self.proxy_uid.unwrap_or(p.proxy_uid);
+        p.proxy_gid = self.proxy_gid.unwrap_or(p.proxy_gid);
+        if let Some(v) = self.exclude_inbound_ports {
+            p.exclude_inbound_ports = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_override_defaults_and_unknown_keys_are_errors() {
+        let file: FileConfig = toml::from_str(
+            "socket = \"/tmp/x.sock\"\nnetns-roots = [\"/tmp/ns\", \"/proc\"]\nallow-uids = [0, 1000]\nlog-format = \"json\"\nproxy-uid = 2102\n",
+        )
+        .expect("valid config");
+        let mut cfg = AgentConfig::default();
+        file.apply(&mut cfg);
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(
+            cfg.netns_roots,
+            vec![Root::Dir("/tmp/ns".into()), Root::Proc]
+        );
+        assert_eq!(cfg.allow_uids, vec![0, 1000]);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.plan.proxy_uid, 2102);
+        assert_eq!(cfg.plan.outbound_port, 15001);
+        assert!(toml::from_str::<FileConfig>("sockett = \"/x\"").is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! sluice's node agent as a library. The path of a pod through it reads like the data flow:
+//! `service` (gRPC) → `plan` (annotations → pure plan) → `ruleset` (plan → tables/chains/rules,
+//! and its `nft` text) → `netns` (enter the pod) → `program` (`nft` batch + `device` setup) →
+//! kernel → reply.
+//!
+//! `unsafe` is denied crate-wide; the only exception is `nft::ffi` (libnftnl calls nftnl does
+//! not wrap).
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod device;
+pub mod logging;
+pub mod netns;
+pub mod nft;
+pub mod plan;
+pub mod program;
+pub mod registry;
+pub mod ruleset;
+pub mod server;
+pub mod service;

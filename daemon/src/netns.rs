@@ -1,0 +1,304 @@
+//! Opening, vetting and entering pod network namespaces. All `setns` lives here.
+//!
+//! A path is accepted only if it is lexically under an allowed root, opens to an nsfs file of
+//! a *network* namespace, and is not the agent's own namespace (compared by device + inode).
+//! Work inside a namespace runs on a dedicated OS thread that enters it, runs, and switches back
+//! when its guard drops; if switching back fails the process aborts rather than keep a thread in
+//! the wrong namespace.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("netns path {0:?} must be absolute and normalized")]
+    NotNormalized(PathBuf),
+    #[error("netns path {path:?} is outside the allowed roots ({roots})")]
+    OutsideRoots { path: PathBuf, roots: String },
+    #[error("netns {0:?} does not exist")]
+    Gone(PathBuf),
+    #[error("{0:?} is not a network namespace file (nsfs)")]
+    NotNetns(PathBuf),
+    #[error("netns {0:?} is the agent's own (host) network namespace")]
+    HostNetns(PathBuf),
+    #[error("opening netns {path:?}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entering netns {path:?}: {source}")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("netns worker thread: {0}")]
+    Thread(String),
+}
+
+impl NetnsError {
+    /// Whether the error is about the caller's input (the path) rather than the agent.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Self::NotNormalized(_)
+                | Self::OutsideRoots { .. }
+                | Self::NotNetns(_)
+                | Self::HostNetns(_)
+        )
+    }
+}
+
+/// Identity of a namespace: (st_dev, st_ino) of its nsfs file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Where pod namespaces may live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Root {
+    /// Bind-mounted namespace files directly inside this directory (e.g. `/var/run/netns`).
+    Dir(PathBuf),
+    /// `/proc/<pid>/ns/net` of any process.
+    Proc,
+}
+
+impl Root {
+    /// `"/proc"` or `"/proc/<pid>/ns/net"` mean [`Root::Proc`]; anything else is a directory.
+    pub fn parse(s: &str) -> Self {
+        match s.trim_end_matches('/') {
+            "/proc" | "/proc/<pid>/ns/net" => Root::Proc,
+            dir => Root::Dir(PathBuf::from(dir)),
+        }
+    }
+
+    fn admits(&self, path: &Path) -> bool {
+        match self {
+            Root::Dir(dir) => path.parent() == Some(dir.as_path()),
+            Root::Proc => {
+                let parts: Vec<_> = path.components().collect();
+                matches!(parts.as_slice(),
+                    [Component::RootDir, Component::Normal(p), Component::Normal(pid),
+                     Component::Normal(ns), Component::Normal(net)]
+                    if *p == "proc" && *ns == "ns" && *net == "net"
+                        && pid.to_str().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())))
+            }
+        }
+    }
+
+    pub fn defaults() -> Vec<Root> {
+        vec![
+            Root::Dir("/var/run/netns".into()),
+            Root::Dir("/run/netns".into()),
+            Root::Proc,
+        ]
+    }
+}
+
+impl std::fmt::Display for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Root::Dir(d) => write!(f, "{}", d.display()),
+            Root::Proc => f.write_str("/proc/<pid>/ns/net"),
+        }
+    }
+}
+
+/// The rules for accepting a netns path, fixed at agent start.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub roots: Vec<Root>,
+    /// The agent's own namespace, which is never programmed.
+    pub host: NsId,
+}
+
+impl Policy {
+    /// Reads the calling thread's current namespace as the host one.
+    pub fn new(roots: Vec<Root>) -> std::io::Result<Self> {
+        let meta = std::fs::metadata("/proc/thread-self/ns/net")?;
+        Ok(Self {
+            roots,
+            host: NsId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        })
+    }
+
+    /// Opens and vets a pod netns path.
+    pub fn open(&self, path: &str) -> Result<PodNetns, NetnsError> {
+        let path = PathBuf::from(path);
+        let normalized = path.is_absolute()
+            && path
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+            && path
+                .to_str()
+                .is_some_and(|s| !s.ends_with('/') && !s.contains("//"));
+        if !normalized {
+            return Err(NetnsError::NotNormalized(path));
+        }
+        let root = self.roots.iter().find(|r| r.admits(&path)).ok_or_else(|| {
+            NetnsError::OutsideRoots {
+                path: path.clone(),
+                roots: self
+                    .roots
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?;
+        let mut options = File::options();
+        options.read(true);
+        if matches!(root, Root::Dir(_)) {
+            // Namespace files under a root dir are bind mounts, never symlinks. (/proc/<pid>/ns/net
+            // is a magic link and must be followed.)
+            options.custom_flags(libc::O_NOFOLLOW);
+        }
+        let file = options.open(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => NetnsError::Gone(path.clone()),
+            _ if source.raw_os_error() == Some(libc::ELOOP) => NetnsError::NotNetns(path.clone()),
+            _ => NetnsError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let fd: OwnedFd = file.into();
+        if !fstatfs(&fd).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC) {
+            return Err(NetnsError::NotNetns(path));
+        }
+        // nsfs holds every namespace type. Which one this is gets checked on entry: setns with
+        // CLONE_NEWNET refuses any other type (EINVAL), before anything runs inside.
+        let meta = File::from(fd.try_clone().map_err(|source| NetnsError::Open {
+            path: path.clone(),
+            source,
+        })?)
+        .metadata()
+        .map_err(|source| NetnsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let id = NsId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if id == self.host {
+            return Err(NetnsError::HostNetns(path));
+        }
+        Ok(PodNetns { fd, path, id })
+    }
+}
+
+/// An opened, vetted pod namespace. Holding the fd keeps the namespace alive while we work.
+#[derive(Debug)]
+pub struct PodNetns {
+    fd: OwnedFd,
+    pub path: PathBuf,
+    pub id: NsId,
+}
+
+impl PodNetns {
+    /// Runs `f` on a fresh OS thread inside this namespace and returns its result.
+    pub async fn run<T, F>(self, f: F) -> Result<T, NetnsError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("sluice-netns".into())
+            .spawn(move || {
+                let result = self.run_here(f);
+                let _ = tx.send(result);
+            })
+            .map_err(|e| NetnsError::Thread(e.to_string()))?;
+        rx.await
+            .map_err(|_| NetnsError::Thread("worker thread ended without a result".into()))?
+    }
+
+    /// Enters the namespace on the *current* thread, runs `f`, and switches back. Only for
+    /// threads that exist for this purpose (see [`PodNetns::run`]).
+    pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        let _guard = Entered::enter(self)?;
+        Ok(f())
+    }
+}
+
+/// Switches the thread back to its original namespace on drop.
+struct Entered {
+    original: OwnedFd,
+}
+
+impl Entered {
+    fn enter(ns: &PodNetns) -> Result<Self, NetnsError> {
+        let original: OwnedFd = File::open("/proc/thread-self/ns/net")
+            .map_err(|source| NetnsError::Open {
+                path: "/proc/thread-self/ns/net".into(),
+                source,
+            })?
+            .into();
+        setns(ns.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| match source {
+            nix::Error::EINVAL => NetnsError::NotNetns(ns.path.clone()),
+            source => NetnsError::Enter {
+                path: ns.path.clone(),
+                source,
+            },
+        })?;
+        Ok(Self { original })
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.original.as_fd(), CloneFlags::CLONE_NEWNET) {
+            tracing::error!(error = %e, "cannot switch a thread back to its network namespace; aborting");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_admit_direct_children_and_proc_pid_only() {
+        let dir = Root::parse("/var/run/netns/");
+        assert!(dir.admits(Path::new("/var/run/netns/cni-1234")));
+        assert!(!dir.admits(Path::new("/var/run/netns/a/b")));
+        assert!(!dir.admits(Path::new("/var/run/netnsx")));
+        let proc = Root::parse("/proc");
+        assert!(proc.admits(Path::new("/proc/42/ns/net")));
+        assert!(!proc.admits(Path::new("/proc/self/ns/net")));
+        assert!(!proc.admits(Path::new("/proc/42/ns/mnt")));
+        assert!(!proc.admits(Path::new("/proc/42/task/42/ns/net")));
+    }
+
+    #[test]
+    fn unnormalized_paths_are_refused_before_any_io() {
+        let policy = Policy {
+            roots: Root::defaults(),
+            host: NsId { dev: 0, ino: 0 },
+        };
+        for p in [
+            "relative/ns",
+            "/var/run/netns/../../etc/passwd",
+            "/var/run/netns/./x",
+            "/var/run//netns/x",
+        ] {
+            assert!(
+                matches!(policy.open(p), Err(NetnsError::NotNormalized(_))),
+                "{p} should be refused as not normalized"
+            );
+        }
+    }
+}

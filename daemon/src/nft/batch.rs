@@ -1,0 +1,166 @@
+//! [`Ruleset`] → one nftables netlink batch (nftnl). The batch adds the table, deletes it, and
+//! adds it again with all chains and rules, so applying is atomic and idempotent: the kernel
+//! either commits the whole new table or keeps exactly what was there.
+
+use std::ffi::CString;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use nftnl::expr::{Bitwise, Cmp, CmpOp, Immediate, Meta, Payload, Register};
+use nftnl::expr::{Ipv4HeaderField, NetworkHeaderField, TcpHeaderField, TransportHeaderField};
+use nftnl::expr::{UdpHeaderField, Verdict as NftVerdict};
+use nftnl::{Batch, ChainType, FinalizedBatch, MsgType, ProtoFamily};
+
+use super::ffi::{Redir, TableMsg, comment_udata};
+use crate::ruleset::{self, Hook, L4, Match, Op, Ruleset, TABLE, Verdict};
+
+fn cstring(s: &str) -> CString {
+    CString::new(s).unwrap_or_else(|_| unreachable!("chain and table names are NUL-free literals"))
+}
+
+fn table_msg(comment: Option<&str>) -> TableMsg {
+    TableMsg {
+        name: cstring(TABLE),
+        family: ProtoFamily::Inet,
+        userdata: comment.map(comment_udata).unwrap_or_default(),
+    }
+}
+
+/// The atomic replace batch for a ruleset.
+pub(super) fn replace(rs: &Ruleset) -> FinalizedBatch {
+    let mut batch = Batch::new();
+    batch.add(&table_msg(None), MsgType::Add);
+    batch.add(&table_msg(None), MsgType::Del);
+    batch.add(&table_msg(Some(&rs.owner.to_comment())), MsgType::Add);
+
+    let table = nftnl::Table::new(cstring(TABLE), ProtoFamily::Inet);
+    let chains: Vec<nftnl::Chain<'_>> = rs
+        .chains
+        .iter()
+        .map(|c| {
+            let mut chain = nftnl::Chain::new(cstring(c.name), &table);
+            if let Some(base) = c.base {
+                let hook = match base.hook {
+                    Hook::Prerouting => nftnl::Hook::PreRouting,
+                    Hook::Output => nftnl::Hook::Out,
+                };
+                chain.set_hook(hook, base.priority);
+                chain.set_type(ChainType::Nat);
+                chain.set_policy(nftnl::Policy::Accept);
+            }
+            chain
+        })
+        .collect();
+    for chain in &chains {
+        batch.add(chain, MsgType::Add);
+    }
+    for (spec, chain) in rs.chains.iter().zip(&chains) {
+        for r in &spec.rules {
+            batch.add(&rule(chain, r), MsgType::Add);
+        }
+    }
+    batch.finalize()
+}
+
+/// Deletes the table; the kernel answers ENOENT when there is none.
+pub(super) fn delete() -> FinalizedBatch {
+    let mut batch = Batch::new();
+    batch.add(&table_msg(None), MsgType::Del);
+    batch.finalize()
+}
+
+fn cmp_op(op: Op) -> CmpOp {
+    match op {
+        Op::Eq => CmpOp::Eq,
+        Op::Ne => CmpOp::Neq,
+    }
+}
+
+/// Tracks the protocol dependencies already matched in a rule, so an address or port match
+/// emits `meta nfproto` / `meta l4proto` once and only where needed (as nft does).
+#[derive(Default)]
+struct Deps {
+    ipv4: bool,
+    l4: Option<L4>,
+}
+
+impl Deps {
+    fn need_ipv4(&mut self, r: &mut nftnl::Rule<'_>) {
+        if !self.ipv4 {
+            r.add_expr(&Meta::NfProto);
+            r.add_expr(&Cmp::new(CmpOp::Eq, libc::NFPROTO_IPV4 as u8));
+            self.ipv4 = true;
+        }
+    }
+    fn need_l4(&mut self, r: &mut nftnl::Rule<'_>, l4: L4) {
+        if self.l4 != Some(l4) {
+            r.add_expr(&Meta::L4Proto);
+            r.add_expr(&Cmp::new(CmpOp::Eq, l4.number()));
+            self.l4 = Some(l4);
+        }
+    }
+}
+
+fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a> {
+    let mut r = nftnl::Rule::new(chain);
+    let mut deps = Deps::default();
+    for m in &spec.matches {
+        match m {
+            Match::Ipv4 => deps.need_ipv4(&mut r),
+            Match::L4Proto(l4) => deps.need_l4(&mut r, *l4),
+            Match::OifName(op, name) => {
+                let mut ifname = [0u8; libc::IFNAMSIZ];
+                ifname[..name.len()].copy_from_slice(name.as_bytes());
+                r.add_expr(&Meta::OifName);
+                r.add_expr(&Cmp::new(cmp_op(*op), &ifname[..]));
+            }
+            // Meta uid/gid are host byte order; the kernel compares the raw u32.
+            Match::SkUid(op, id) => {
+                r.add_expr(&Meta::SkUid);
+                r.add_expr(&Cmp::new(cmp_op(*op), *id));
+            }
+            Match::SkGid(op, id) => {
+                r.add_expr(&Meta::SkGid);
+                r.add_expr(&Cmp::new(cmp_op(*op), *id));
+            }
+            Match::Daddr(op, net) => addr(&mut r, &mut deps, Ipv4HeaderField::Daddr, *op, net),
+            Match::Saddr(op, net) => addr(&mut r, &mut deps, Ipv4HeaderField::Saddr, *op, net),
+            Match::Dport(l4, op, port) => {
+                deps.need_l4(&mut r, *l4);
+                let field = match l4 {
+                    L4::Tcp => TransportHeaderField::Tcp(TcpHeaderField::Dport),
+                    L4::Udp => TransportHeaderField::Udp(UdpHeaderField::Dport),
+                };
+                r.add_expr(&Payload::Transport(field));
+                // Payload bytes are in network byte order.
+                r.add_expr(&Cmp::new(cmp_op(*op), &port.to_be_bytes()[..]));
+            }
+        }
+    }
+    match &spec.verdict {
+        Verdict::Return => r.add_expr(&NftVerdict::Return),
+        Verdict::Jump(chain) => r.add_expr(&NftVerdict::Jump {
+            chain: cstring(chain),
+        }),
+        Verdict::Redirect(port) => {
+            r.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
+            r.add_expr(&Redir);
+        }
+    }
+    r
+}
+
+fn addr(r: &mut nftnl::Rule<'_>, deps: &mut Deps, field: Ipv4HeaderField, op: Op, net: &IpNet) {
+    let IpNet::V4(net) = net else {
+        unreachable!("the ruleset only emits IPv4 address matches in this slice")
+    };
+    deps.need_ipv4(r);
+    r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(field)));
+    if net.prefix_len() < 32 {
+        r.add_expr(&Bitwise::new(
+            net.netmask(),
+            std::net::Ipv4Addr::UNSPECIFIED,
+        ));
+    }
+    r.add_expr(&Cmp::new(cmp_op(op), IpAddr::V4(net.network())));
+}

@@ -1,0 +1,273 @@
+//! The libnftnl calls that the `nftnl` crate does not wrap. This is the only module of sluice
+//! with `unsafe` code; every block says why it is sound.
+//!
+//! Written by hand because nothing maintained does it: nftnl 0.9 has no `redir` expression and
+//! no table userdata, and its only read-back helper returns table names. What we need is small:
+//! one expression, one message type, and three parsers that turn netlink messages (from the
+//! kernel's dumps, or from our own batch) into plain Rust values.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::ptr::NonNull;
+
+use nftnl::nftnl_sys::{self as sys, libc};
+use nftnl::{MsgType, ProtoFamily, Rule, expr::Expression};
+
+/// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port (what `nft` sets for `to :PORT`).
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+
+/// Aborts like nftnl does on allocation failure: a tiny malloc failing leaves nothing sane to do.
+fn alloc<T>(ptr: *mut T) -> NonNull<T> {
+    NonNull::new(ptr).unwrap_or_else(|| std::process::abort())
+}
+
+/// `redirect to :PORT`, reading the port (network byte order) from register 1, which the
+/// caller fills with an `Immediate` first.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Redir;
+
+impl Expression for Redir {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // Safety: the name is a NUL-terminated literal; the returned pointer is checked for
+        // NULL and ownership passes to the rule (nftnl_rule_add_expr), as the trait requires.
+        let expr = alloc(unsafe { sys::nftnl_expr_alloc(c"redir".as_ptr()) });
+        let reg = libc::NFT_REG_1 as u32;
+        // Safety: `expr` is a live redir expression; these attributes are u32 for redir.
+        unsafe {
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN as u16,
+                reg,
+            );
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_REDIR_REG_PROTO_MAX as u16,
+                reg,
+            );
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_REDIR_FLAGS as u16,
+                NF_NAT_RANGE_PROTO_SPECIFIED,
+            );
+        }
+        expr
+    }
+}
+
+/// A table message with userdata (the comment), which `nftnl::Table` cannot carry.
+#[derive(Debug)]
+pub(super) struct TableMsg {
+    pub name: CString,
+    pub family: ProtoFamily,
+    /// Raw userdata TLVs, see [`comment_udata`].
+    pub userdata: Vec<u8>,
+}
+
+// Safety: `write` builds exactly one table message, far below nft_nlmsg_maxsize(), the space
+// the batch guarantees at `buf`.
+unsafe impl nftnl::NlMsg for TableMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let table = alloc(unsafe { sys::nftnl_table_alloc() });
+        let raw_type = match msg_type {
+            MsgType::Add => libc::NFT_MSG_NEWTABLE,
+            MsgType::Del => libc::NFT_MSG_DELTABLE,
+        };
+        // Safety: `table` is live until freed below; strings are NUL-terminated and copied by
+        // libnftnl; `userdata` outlives the set_data call, which copies it; `buf` has room for
+        // one message (trait contract).
+        unsafe {
+            let t = table.as_ptr();
+            sys::nftnl_table_set_u32(t, sys::NFTNL_TABLE_FAMILY as u16, self.family as u32);
+            sys::nftnl_table_set_str(t, sys::NFTNL_TABLE_NAME as u16, self.name.as_ptr());
+            if !self.userdata.is_empty() {
+                sys::nftnl_table_set_data(
+                    t,
+                    sys::NFTNL_TABLE_USERDATA as u16,
+                    self.userdata.as_ptr().cast(),
+                    self.userdata.len() as u32,
+                );
+            }
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buf.cast::<c_char>(),
+                raw_type as u16,
+                self.family as u16,
+                libc::NLM_F_ACK as u16,
+                seq,
+            );
+            sys::nftnl_table_nlmsg_build_payload(header, t);
+            sys::nftnl_table_free(t);
+        }
+    }
+}
+
+/// Userdata holding one comment TLV, the layout `nft` reads (`NFTNL_UDATA_TABLE_COMMENT`,
+/// length including the NUL, the string, NUL).
+pub(super) fn comment_udata(comment: &str) -> Vec<u8> {
+    let mut out = vec![
+        sys::NFTNL_UDATA_TABLE_COMMENT as u8,
+        (comment.len() + 1) as u8,
+    ];
+    out.extend_from_slice(comment.as_bytes());
+    out.push(0);
+    out
+}
+
+/// The comment inside table userdata, if any (pure parse of the TLV layout above).
+pub(super) fn udata_comment(mut udata: &[u8]) -> Option<String> {
+    while udata.len() >= 2 {
+        let (kind, len) = (udata[0], udata[1] as usize);
+        let value = udata.get(2..2 + len)?;
+        if kind == sys::NFTNL_UDATA_TABLE_COMMENT as u8 {
+            let value = value.strip_suffix(&[0]).unwrap_or(value);
+            return Some(String::from_utf8_lossy(value).into_owned());
+        }
+        udata = &udata[2 + len..];
+    }
+    None
+}
+
+/// A table as read from a netlink message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TableInfo {
+    pub family: u32,
+    pub name: String,
+    pub userdata: Vec<u8>,
+}
+
+/// A chain as read from a netlink message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChainInfo {
+    pub family: u32,
+    pub table: String,
+    pub name: String,
+    /// (hook number, priority, type, policy) for base chains.
+    pub base: Option<(u32, i32, String, u32)>,
+}
+
+/// A rule as read from a netlink message, with its expressions in libnftnl's text form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RuleInfo {
+    pub family: u32,
+    pub table: String,
+    pub chain: String,
+    pub exprs: String,
+}
+
+/// Reads a NUL-terminated string attribute; `get` returns NULL when unset.
+fn string(ptr: *const c_char) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    // Safety: non-NULL pointers from nftnl_*_get_str point at a NUL-terminated string owned
+    // by the object, which is alive for the duration of this call.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub(super) fn parse_table(nlh: &libc::nlmsghdr) -> Option<TableInfo> {
+    let t = alloc(unsafe { sys::nftnl_table_alloc() });
+    // Safety: `nlh` is a complete message (validated by mnl or by our batch walker); `t` is
+    // live until freed at the end; returned data pointers are copied before the free.
+    unsafe {
+        let t = t.as_ptr();
+        let info = (sys::nftnl_table_nlmsg_parse(nlh, t) >= 0).then(|| {
+            let mut len = 0u32;
+            let data = sys::nftnl_table_get_data(t, sys::NFTNL_TABLE_USERDATA as u16, &mut len);
+            let userdata = if data.is_null() {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(data.cast::<u8>(), len as usize).to_vec()
+            };
+            TableInfo {
+                family: sys::nftnl_table_get_u32(t, sys::NFTNL_TABLE_FAMILY as u16),
+                name: string(sys::nftnl_table_get_str(t, sys::NFTNL_TABLE_NAME as u16)),
+                userdata,
+            }
+        });
+        sys::nftnl_table_free(t);
+        info
+    }
+}
+
+pub(super) fn parse_chain(nlh: &libc::nlmsghdr) -> Option<ChainInfo> {
+    let c = alloc(unsafe { sys::nftnl_chain_alloc() });
+    // Safety: as in parse_table.
+    unsafe {
+        let c = c.as_ptr();
+        let info = (sys::nftnl_chain_nlmsg_parse(nlh, c) >= 0).then(|| {
+            let base = sys::nftnl_chain_is_set(c, sys::NFTNL_CHAIN_HOOKNUM as u16).then(|| {
+                (
+                    sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_HOOKNUM as u16),
+                    sys::nftnl_chain_get_s32(c, sys::NFTNL_CHAIN_PRIO as u16),
+                    string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TYPE as u16)),
+                    sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16),
+                )
+            });
+            ChainInfo {
+                family: sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_FAMILY as u16),
+                table: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TABLE as u16)),
+                name: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_NAME as u16)),
+                base,
+            }
+        });
+        sys::nftnl_chain_free(c);
+        info
+    }
+}
+
+pub(super) fn parse_rule(nlh: &libc::nlmsghdr) -> Option<RuleInfo> {
+    let r = alloc(unsafe { sys::nftnl_rule_alloc() });
+    let mut buf = vec![0u8; 16 * 1024];
+    // Safety: as in parse_table; snprintf writes at most `buf.len()` bytes including the NUL.
+    unsafe {
+        let r = r.as_ptr();
+        let info = (sys::nftnl_rule_nlmsg_parse(nlh, r) >= 0).then(|| {
+            sys::nftnl_rule_snprintf(
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                r,
+                sys::NFTNL_OUTPUT_DEFAULT,
+                0,
+            );
+            let text = string(buf.as_ptr().cast());
+            // The first line names family/table/chain/handle/position; keep the expressions.
+            let exprs = text
+                .split_once('\n')
+                .map_or("", |(_, e)| e)
+                .trim_end()
+                .to_owned();
+            RuleInfo {
+                family: sys::nftnl_rule_get_u32(r, sys::NFTNL_RULE_FAMILY as u16),
+                table: string(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_TABLE as u16)),
+                chain: string(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_CHAIN as u16)),
+                exprs,
+            }
+        });
+        sys::nftnl_rule_free(r);
+        info
+    }
+}
+
+/// Views each complete netlink message in `buf` (our own batch pages or a kernel reply) as a
+/// header reference. Stops at the first truncated message.
+pub(super) fn messages(buf: &[u8]) -> Vec<&libc::nlmsghdr> {
+    let hdr_len = std::mem::size_of::<libc::nlmsghdr>();
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off + hdr_len <= buf.len() {
+        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        if len < hdr_len || off + len > buf.len() {
+            break;
+        }
+        let ptr = buf[off..].as_ptr().cast::<libc::nlmsghdr>();
+        if !ptr.is_aligned() {
+            break;
+        }
+        // Safety: `ptr` is aligned, in bounds for `len >= size_of::<nlmsghdr>()` bytes, and
+        // borrows `buf`, so the reference cannot outlive the bytes it points at.
+        out.push(unsafe { &*ptr });
+        off += (len + 3) & !3;
+    }
+    out
+}

@@ -1,0 +1,268 @@
+//! Render and apply: the one module that talks nf_tables. It links libnftnl (GPL-2.0-or-later)
+//! through the `nftnl` crate; nothing else in sluice touches nftnl, so the GPL-linked surface
+//! is exactly this directory.
+//!
+//! Every function here acts on the network namespace of the calling thread: callers run them
+//! through `crate::netns` on a thread that has entered the pod's namespace. Sockets are opened
+//! per call, after that entry, so they belong to the pod's namespace.
+
+mod batch;
+mod ffi;
+
+use std::io;
+
+use nftnl::FinalizedBatch;
+use nftnl::nftnl_sys::libc;
+
+use crate::ruleset::{Owner, Ruleset, TABLE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("opening a netfilter netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("the kernel rejected the nftables batch: {0}")]
+    Batch(#[source] io::Error),
+    #[error("reading nftables state back from the kernel: {0}")]
+    Dump(#[source] io::Error),
+}
+
+/// What the kernel holds in our table, in comparable form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveTable {
+    /// The table's comment (owner metadata), if any.
+    pub comment: Option<String>,
+    pub chains: Vec<LiveChain>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveChain {
+    pub name: String,
+    /// (hook number, priority, type, policy) for base chains.
+    pub base: Option<(u32, i32, String, u32)>,
+    /// Each rule's expressions, in libnftnl's text form, in chain order.
+    pub rules: Vec<String>,
+}
+
+impl LiveTable {
+    pub fn owner(&self) -> Option<Owner> {
+        self.comment.as_deref().and_then(Owner::from_comment)
+    }
+}
+
+/// Replaces `inet sluice` in the current netns with `rs`, atomically.
+pub fn apply(rs: &Ruleset) -> Result<(), NftError> {
+    send(&batch::replace(rs))
+}
+
+/// Deletes `inet sluice` from the current netns. `Ok(false)` when there was none.
+pub fn remove() -> Result<bool, NftError> {
+    match send(&batch::delete()) {
+        Ok(()) => Ok(true),
+        Err(NftError::Batch(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether nf_tables is usable here (a socket opens and the table list can be dumped).
+pub fn probe() -> Result<(), NftError> {
+    dump(libc::NFT_MSG_GETTABLE as u16, |_| {}).map(|_| ())
+}
+
+/// Reads `inet sluice` from the current netns; `None` when it does not exist.
+pub fn read() -> Result<Option<LiveTable>, NftError> {
+    let inet = libc::NFPROTO_INET as u32;
+    let mut table = None;
+    dump(libc::NFT_MSG_GETTABLE as u16, |nlh| {
+        if let Some(t) = ffi::parse_table(nlh) {
+            if t.family == inet && t.name == TABLE {
+                table = Some(ffi::udata_comment(&t.userdata));
+            }
+        }
+    })?;
+    let Some(comment) = table else {
+        return Ok(None);
+    };
+    let mut chains: Vec<LiveChain> = Vec::new();
+    dump(libc::NFT_MSG_GETCHAIN as u16, |nlh| {
+        if let Some(c) = ffi::parse_chain(nlh) {
+            if c.family == inet && c.table == TABLE {
+                chains.push(LiveChain {
+                    name: c.name,
+                    base: c.base,
+                    rules: Vec::new(),
+                });
+            }
+        }
+    })?;
+    dump(libc::NFT_MSG_GETRULE as u16, |nlh| {
+        if let Some(r) = ffi::parse_rule(nlh) {
+            if r.family == inet && r.table == TABLE {
+                if let Some(c) = chains.iter_mut().find(|c| c.name == r.chain) {
+                    c.rules.push(r.exprs);
+                }
+            }
+        }
+    })?;
+    Ok(Some(LiveTable { comment, chains }))
+}
+
+/// What [`read`] returns right after [`apply`] of `rs`: computed by parsing our own batch with
+/// the same libnftnl parser the kernel's dump goes through, so equal means equal expressions.
+pub fn expected(rs: &Ruleset) -> LiveTable {
+    let batch = batch::replace(rs);
+    let mut chains: Vec<LiveChain> = rs
+        .chains
+        .iter()
+        .map(|c| LiveChain {
+            name: c.name.to_owned(),
+            base: c.base.map(|b| {
+                let hook = match b.hook {
+                    crate::ruleset::Hook::Prerouting => libc::NF_INET_PRE_ROUTING,
+                    crate::ruleset::Hook::Output => libc::NF_INET_LOCAL_OUT,
+                };
+                (
+                    hook as u32,
+                    b.priority,
+                    "nat".to_owned(),
+                    libc::NF_ACCEPT as u32,
+                )
+            }),
+            rules: Vec::new(),
+        })
+        .collect();
+    let newrule = ((libc::NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_NEWRULE) as u16;
+    for page in &batch {
+        for nlh in ffi::messages(page) {
+            if nlh.nlmsg_type != newrule {
+                continue;
+            }
+            if let Some(r) = ffi::parse_rule(nlh) {
+                if let Some(c) = chains.iter_mut().find(|c| c.name == r.chain) {
+                    c.rules.push(r.exprs);
+                }
+            }
+        }
+    }
+    LiveTable {
+        comment: Some(rs.owner.to_comment()),
+        chains,
+    }
+}
+
+/// Human-readable differences between what should be and what is; empty when equal.
+pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
+    let Some(live) = live else {
+        return vec![format!("table inet {TABLE} is missing")];
+    };
+    let mut out = Vec::new();
+    if expected.comment != live.comment {
+        out.push(format!(
+            "table metadata differs: expected {:?}, found {:?}",
+            expected.comment, live.comment
+        ));
+    }
+    for want in &expected.chains {
+        match live.chains.iter().find(|c| c.name == want.name) {
+            None => out.push(format!("chain {} is missing", want.name)),
+            Some(have) => {
+                if have.base != want.base {
+                    out.push(format!(
+                        "chain {} has a different hook/priority/type/policy",
+                        want.name
+                    ));
+                }
+                if have.rules.len() != want.rules.len() {
+                    out.push(format!(
+                        "chain {} has {} rules, expected {}",
+                        want.name,
+                        have.rules.len(),
+                        want.rules.len()
+                    ));
+                }
+                for (i, (h, w)) in have.rules.iter().zip(&want.rules).enumerate() {
+                    if h != w {
+                        out.push(format!("chain {} rule {} differs", want.name, i + 1));
+                    }
+                }
+            }
+        }
+    }
+    for have in &live.chains {
+        if !expected.chains.iter().any(|c| c.name == have.name) {
+            out.push(format!("unexpected chain {}", have.name));
+        }
+    }
+    out
+}
+
+fn socket() -> Result<mnl::Socket, NftError> {
+    mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)
+}
+
+fn recv_buffer() -> Vec<u8> {
+    // malloc'd buffers of this size are 16-byte aligned, as mnl requires for nlmsghdr.
+    vec![0u8; nftnl::nft_nlmsg_maxsize() as usize]
+}
+
+/// Sends a batch and waits for every ACK; the first error aborts the transaction (the kernel
+/// has then applied nothing of it).
+fn send(batch: &FinalizedBatch) -> Result<(), NftError> {
+    let socket = socket()?;
+    socket.send_all(batch).map_err(NftError::Batch)?;
+    let portid = socket.portid();
+    let mut buffer = recv_buffer();
+    let mut seqs = batch.sequence_numbers();
+    while !seqs.is_empty() {
+        for message in socket.recv(&mut buffer[..]).map_err(NftError::Batch)? {
+            let message = message.map_err(NftError::Batch)?;
+            let seq = seqs
+                .next()
+                .ok_or_else(|| NftError::Batch(io::Error::other("unexpected netlink ACK")))?;
+            mnl::cb_run(message, seq, portid).map_err(NftError::Batch)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one nf_tables dump request for the `inet` family and feeds every reply message to
+/// `each`.
+fn dump(msg: u16, mut each: impl FnMut(&libc::nlmsghdr)) -> Result<(), NftError> {
+    let socket = socket()?;
+    let seq = 1u32;
+    socket
+        .send(&dump_request(msg, seq))
+        .map_err(NftError::Dump)?;
+    let portid = socket.portid();
+    let mut buffer = recv_buffer();
+    let mut sink: &mut dyn FnMut(&libc::nlmsghdr) = &mut each;
+    loop {
+        let n = socket.recv_raw(&mut buffer[..]).map_err(NftError::Dump)?;
+        let done =
+            mnl::cb_run2(&buffer[..n], seq, portid, callback, &mut sink).map_err(NftError::Dump)?;
+        if matches!(done, mnl::CbResult::Stop) {
+            return Ok(());
+        }
+    }
+}
+
+fn callback(nlh: &libc::nlmsghdr, sink: &mut &mut dyn FnMut(&libc::nlmsghdr)) -> libc::c_int {
+    sink(nlh);
+    1 // MNL_CB_OK
+}
+
+/// `nlmsghdr` + `nfgenmsg` asking for a dump of one object type in family inet.
+fn dump_request(msg: u16, seq: u32) -> Vec<u8> {
+    let len = 16u32 + 4;
+    let kind = ((libc::NFNL_SUBSYS_NFTABLES as u16) << 8) | msg;
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16;
+    let mut out = Vec::with_capacity(len as usize);
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes()); // portid: the kernel fills it in
+    out.push(libc::NFPROTO_INET as u8); // nfgen_family
+    out.push(0); // version: NFNETLINK_V0
+    out.extend_from_slice(&0u16.to_be_bytes()); // res_id
+    out
+}

@@ -1,0 +1,95 @@
+//! Renders a [`Ruleset`] as `nft` text, in exactly the form `nft list table` prints it, so a
+//! golden file, `sluicectl explain` and the kernel's own listing can be compared verbatim.
+
+use std::fmt::Write;
+
+use ipnet::IpNet;
+
+use super::{Base, Hook, Match, Op, PRIORITY_DSTNAT, Rule, Ruleset, TABLE, Verdict};
+
+pub(super) fn script(rs: &Ruleset) -> String {
+    // `add` + `delete` first makes the replace atomic and work whether or not the table
+    // exists; the agent's netlink batch does the same.
+    format!(
+        "add table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        listing(rs)
+    )
+}
+
+pub(super) fn listing(rs: &Ruleset) -> String {
+    let mut out = format!("table inet {TABLE} {{\n");
+    let _ = writeln!(out, "\tcomment {:?}", rs.owner.to_comment());
+    for (i, chain) in rs.chains.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "\tchain {} {{", chain.name);
+        if let Some(base) = chain.base {
+            let _ = writeln!(
+                out,
+                "\t\ttype nat hook {} priority {}; policy accept;",
+                base.hook,
+                priority(base)
+            );
+        }
+        for r in &chain.rules {
+            let _ = writeln!(out, "\t\t{}", rule(r));
+        }
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// nft names the standard priority only where it is defined for the hook.
+fn priority(base: Base) -> String {
+    match (base.hook, base.priority) {
+        (Hook::Prerouting, PRIORITY_DSTNAT) => "dstnat".to_owned(),
+        (_, p) => p.to_string(),
+    }
+}
+
+fn op(o: Op) -> &'static str {
+    match o {
+        Op::Eq => "",
+        Op::Ne => "!= ",
+    }
+}
+
+fn net(n: &IpNet) -> String {
+    if n.prefix_len() == n.max_prefix_len() {
+        n.addr().to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+fn family(n: &IpNet) -> &'static str {
+    match n {
+        IpNet::V4(_) => "ip",
+        IpNet::V6(_) => "ip6",
+    }
+}
+
+pub(super) fn rule(r: &Rule) -> String {
+    let mut parts: Vec<String> = r
+        .matches
+        .iter()
+        .map(|m| match m {
+            Match::Ipv4 => "meta nfproto ipv4".to_owned(),
+            Match::L4Proto(l4) => format!("meta l4proto {}", l4.name()),
+            Match::OifName(o, name) => format!("oifname {}{name:?}", op(*o)),
+            Match::SkUid(o, id) => format!("meta skuid {}{id}", op(*o)),
+            Match::SkGid(o, id) => format!("meta skgid {}{id}", op(*o)),
+            Match::Daddr(o, n) => format!("{} daddr {}{}", family(n), op(*o), net(n)),
+            Match::Saddr(o, n) => format!("{} saddr {}{}", family(n), op(*o), net(n)),
+            Match::Dport(l4, o, p) => format!("{} dport {}{p}", l4.name(), op(*o)),
+        })
+        .collect();
+    parts.push(match &r.verdict {
+        Verdict::Return => "return".to_owned(),
+        Verdict::Jump(chain) => format!("jump {chain}"),
+        Verdict::Redirect(port) => format!("redirect to :{port}"),
+    });
+    parts.join(" ")
+}

@@ -1,0 +1,345 @@
+//! The `sluice.v1.Agent` gRPC service: validate → plan (pure) → render → netns worker →
+//! kernel → reply. Every error names the input it is about.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use sluice_proto::FIELD_METADATA_KEY;
+use sluice_proto::v1::agent_server::Agent;
+use sluice_proto::v1::{
+    AttachRequest, AttachResponse, Attachment, CheckRequest, CheckResponse, DetachRequest,
+    DetachResponse, ExplainRequest, ExplainResponse, ListRequest, ListResponse, Outcome,
+    StatusRequest, StatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::config::AgentConfig;
+use crate::netns::{self, NetnsError, PodNetns};
+use crate::plan::{self, Decision, PlanError};
+use crate::registry::{Record, Registry, pod_or_default};
+use crate::ruleset::{Owner, Ruleset};
+use crate::{nft, program};
+
+/// Shared state of the running agent.
+#[derive(Debug)]
+pub struct AgentService {
+    config: AgentConfig,
+    policy: netns::Policy,
+    registry: Arc<Registry>,
+}
+
+impl AgentService {
+    pub fn new(config: AgentConfig, policy: netns::Policy) -> Self {
+        Self {
+            config,
+            policy,
+            registry: Arc::default(),
+        }
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    fn open(&self, path: &str) -> Result<PodNetns, Status> {
+        self.policy.open(path).map_err(netns_status)
+    }
+}
+
+/// An `InvalidArgument` naming the field in the message and in `sluice-field` metadata.
+pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    with_field(
+        Status::invalid_argument(format!("{field}: {message}")),
+        field,
+    )
+}
+
+fn with_field(mut status: Status, field: &str) -> Status {
+    if let Ok(v) = field.parse() {
+        status.metadata_mut().insert(FIELD_METADATA_KEY, v);
+    }
+    status
+}
+
+fn plan_status(e: PlanError) -> Status {
+    let field = format!("annotation:{}", e.annotation);
+    with_field(Status::invalid_argument(e.to_string()), &field)
+}
+
+fn netns_status(e: NetnsError) -> Status {
+    match e {
+        NetnsError::Gone(_) => with_field(Status::not_found(e.to_string()), "netns"),
+        e if e.is_invalid_input() => invalid("netns", e),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(invalid(field, "is required"))
+    } else {
+        Ok(())
+    }
+}
+
+fn pod_ips(ips: &[String]) -> Result<Vec<IpNet>, Status> {
+    ips.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| invalid("pod_ips", format!("{s:?} is not an IP address or CIDR")))
+        })
+        .collect()
+}
+
+fn to_map(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn attach(
+        &self,
+        req: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        required("container_id", &req.container_id)?;
+        required("netns", &req.netns)?;
+        pod_ips(&req.pod_ips)?;
+        let annotations = to_map(req.annotations);
+        let (plan, profile) =
+            match plan::decide(&annotations, &self.config.plan).map_err(plan_status)? {
+                Decision::Skip { reason } => {
+                    tracing::debug!(container = %req.container_id, %reason, "attach skipped");
+                    return Ok(Response::new(AttachResponse {
+                        outcome: Outcome::Skipped.into(),
+                        reason,
+                        ..Default::default()
+                    }));
+                }
+                Decision::Capture { plan, profile } => (plan, profile),
+            };
+        let pod = pod_or_default(req.pod);
+        let fingerprint = plan.fingerprint();
+        let ruleset =
+            Ruleset::from_plan(&plan, Owner::new(&fingerprint, &pod.uid, &req.container_id));
+        let rule_count = ruleset.rule_count() as u32;
+        let ns = self.open(&req.netns)?;
+        ns.run(move || program::attach(&ruleset))
+            .await
+            .map_err(netns_status)?
+            .map_err(|e| {
+                tracing::warn!(container = %req.container_id, netns = %req.netns, error = %e, "attach failed");
+                Status::internal(format!("programming netns {}: {e}", req.netns))
+            })?;
+        let duration_us = start.elapsed().as_micros() as u64;
+        tracing::info!(
+            container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name),
+            netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us, "attached"
+        );
+        self.registry.insert(Record {
+            attachment: Attachment {
+                container_id: req.container_id,
+                netns: req.netns,
+                pod: Some(pod),
+                fingerprint: fingerprint.clone(),
+                profile: profile.to_string(),
+                rule_count,
+                attached_at_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
+            },
+            annotations,
+            pod_ips: req.pod_ips,
+        });
+        Ok(Response::new(AttachResponse {
+            outcome: Outcome::Programmed.into(),
+            reason: String::new(),
+            fingerprint,
+            profile: profile.to_string(),
+            rule_count,
+            duration_us,
+        }))
+    }
+
+    async fn detach(
+        &self,
+        req: Request<DetachRequest>,
+    ) -> Result<Response<DetachResponse>, Status> {
+        let req = req.into_inner();
+        required("container_id", &req.container_id)?;
+        let forgotten = self.registry.remove(&req.container_id).is_some();
+        let reply = |removed: bool, reason: &str| {
+            tracing::info!(container = %req.container_id, netns = %req.netns, removed, forgotten, reason, "detached");
+            Ok(Response::new(DetachResponse {
+                removed,
+                reason: reason.to_owned(),
+            }))
+        };
+        if req.netns.is_empty() {
+            return reply(false, "no netns given; rules go away with the namespace");
+        }
+        let ns = match self.policy.open(&req.netns) {
+            Ok(ns) => ns,
+            Err(NetnsError::Gone(_)) => return reply(false, "netns is gone"),
+            Err(e) => return Err(netns_status(e)),
+        };
+        let removed = ns
+            .run(program::detach)
+            .await
+            .map_err(netns_status)?
+            .map_err(|e| Status::internal(format!("removing table in {}: {e}", req.netns)))?;
+        reply(
+            removed,
+            if removed {
+                ""
+            } else {
+                "no sluice table in the netns"
+            },
+        )
+    }
+
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let req = req.into_inner();
+        required("container_id", &req.container_id)?;
+        let record = self.registry.get(&req.container_id);
+        let netns = if req.netns.is_empty() {
+            record
+                .as_ref()
+                .map(|r| r.attachment.netns.clone())
+                .ok_or_else(|| {
+                    with_field(
+                        Status::not_found(format!(
+                            "container_id: no attachment recorded for {} and no netns given",
+                            req.container_id
+                        )),
+                        "container_id",
+                    )
+                })?
+        } else {
+            req.netns.clone()
+        };
+        let annotations = if req.annotations.is_empty() {
+            record
+                .as_ref()
+                .map(|r| r.annotations.clone())
+                .unwrap_or_default()
+        } else {
+            to_map(req.annotations)
+        };
+        let pod = req
+            .pod
+            .or_else(|| record.as_ref().and_then(|r| r.attachment.pod.clone()))
+            .unwrap_or_default();
+        let decision = plan::decide(&annotations, &self.config.plan).map_err(plan_status)?;
+        let live = self
+            .open(&netns)?
+            .run(program::inspect)
+            .await
+            .map_err(netns_status)?
+            .map_err(|e| Status::internal(format!("reading table in {netns}: {e}")))?;
+        let live_fingerprint = live
+            .as_ref()
+            .and_then(|l| l.owner())
+            .map(|o| o.fingerprint)
+            .unwrap_or_default();
+        let (expected_fingerprint, drift) = match decision {
+            Decision::Skip { .. } => (
+                String::new(),
+                live.map(|_| {
+                    vec!["a sluice table exists for a pod that is not captured".to_owned()]
+                })
+                .unwrap_or_default(),
+            ),
+            Decision::Capture { plan, .. } => {
+                let fp = plan.fingerprint();
+                let rs = Ruleset::from_plan(&plan, Owner::new(&fp, &pod.uid, &req.container_id));
+                (fp, nft::diff(&nft::expected(&rs), live.as_ref()))
+            }
+        };
+        if !drift.is_empty() {
+            tracing::warn!(container = %req.container_id, %netns, ?drift, "drift detected");
+        }
+        Ok(Response::new(CheckResponse {
+            ok: drift.is_empty(),
+            drift,
+            expected_fingerprint,
+            live_fingerprint,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let (ready, reason) = match readiness() {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason),
+        };
+        Ok(Response::new(StatusResponse {
+            ready,
+            reason,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            attached: self.registry.len() as u32,
+        }))
+    }
+
+    async fn list(&self, _req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Ok(Response::new(ListResponse {
+            attachments: self.registry.list(),
+        }))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let req = req.into_inner();
+        pod_ips(&req.pod_ips)?;
+        Ok(Response::new(
+            explain(&to_map(req.annotations), &self.config.plan).map_err(plan_status)?,
+        ))
+    }
+}
+
+/// Renders what an Attach with these annotations would program. Shared by the Explain RPC and
+/// `sluicectl explain`, which runs it without an agent.
+pub fn explain(
+    annotations: &BTreeMap<String, String>,
+    defaults: &plan::PlanDefaults,
+) -> Result<ExplainResponse, PlanError> {
+    Ok(match plan::decide(annotations, defaults)? {
+        Decision::Skip { reason } => ExplainResponse {
+            outcome: Outcome::Skipped.into(),
+            reason,
+            ..Default::default()
+        },
+        Decision::Capture { plan, profile } => {
+            let fingerprint = plan.fingerprint();
+            let rs = Ruleset::from_plan(&plan, Owner::new(&fingerprint, "", ""));
+            ExplainResponse {
+                outcome: Outcome::Programmed.into(),
+                reason: String::new(),
+                profile: profile.to_string(),
+                fingerprint,
+                nft: rs.to_nft_script(),
+                plan: format!("{plan:#?}"),
+            }
+        }
+    })
+}
+
+/// Whether this agent can program new pods: it holds the capabilities its hot path needs and
+/// nf_tables answers.
+pub fn readiness() -> Result<(), String> {
+    use caps::{CapSet, Capability};
+    for cap in [Capability::CAP_NET_ADMIN, Capability::CAP_SYS_ADMIN] {
+        if !caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false) {
+            return Err(format!("missing capability {cap}"));
+        }
+    }
+    nft::probe().map_err(|e| e.to_string())
+}

@@ -1,0 +1,13 @@
+//! Generates the `sluice.v1` client and server with tonic-prost-build, using the protoc that
+//! ships inside `protoc-bin-vendored`, so a fresh machine needs no system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["sluice/v1/agent.proto"],
+        &["."],
+    )?;
+    Ok(())
+}
