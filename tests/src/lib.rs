@@ -1,1 +1,422 @@
-//! Test harness.
+//! Harness for sluice's integration tests: real network namespaces wired with veth, listeners
+//! that report where a connection was headed (`SO_ORIGINAL_DST`), clients with a chosen
+//! fsuid/fsgid (what nftables' skuid/skgid see), and drivers for the real `sluice-agent`,
+//! `sluice-cni` and `sluicectl` binaries. Every resource is released in `Drop`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use nix::unistd::{Gid, Uid};
+
+/// Fails the calling test unless we are root. Kernel tests must never turn into silent passes:
+/// without root they fail (always, and in particular under `CI=true`).
+pub fn require_root() {
+    if !Uid::effective().is_root() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        panic!(
+            "this test needs root (netns, nftables){}; run it as root, e.g. `sudo make test`",
+            if ci {
+                " and CI=true forbids skipping it"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Path of one of the workspace's binaries next to the running test (target/<profile>/NAME).
+/// `make test` builds them first.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (`cargo build --workspace --bins`, which `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        // A leftover from an aborted earlier run would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        sh(&["ip", "netns", "add", name]);
+        Netns {
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// `ip netns exec NAME ...`, returning the output without checking status.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// `nft list table inet sluice` in this netns, or `None` when there is no such table.
+    pub fn sluice_table(&self) -> Option<String> {
+        let out = self.exec(&["nft", "list", "table", "inet", "sluice"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `f` on a fresh thread inside this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into test netns");
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+pub const POD_IP: &str = "10.99.0.2";
+pub const PEER_IP: &str = "10.99.0.1";
+/// A second address of the peer, in another network, for CIDR include/exclude tests.
+pub const PEER_FAR_IP: &str = "10.98.0.1";
+
+/// A "pod" netns and a "peer" netns joined by a veth pair (eth0 on both sides).
+/// pod: 10.99.0.2/24, default via the peer; peer: 10.99.0.1/24 and 10.98.0.1/32.
+/// The pod's `lo` is left down, as a fresh sandbox has it: sluice brings it up.
+#[derive(Debug)]
+pub struct Topology {
+    pub pod: Netns,
+    pub peer: Netns,
+}
+
+impl Topology {
+    pub fn new(test: &str) -> Self {
+        let pod = Netns::new(&format!("sl-{test}-pod"));
+        let peer = Netns::new(&format!("sl-{test}-peer"));
+        sh(&[
+            "ip", "link", "add", "eth0", "netns", &pod.name, "type", "veth", "peer", "name",
+            "eth0", "netns", &peer.name,
+        ]);
+        pod.ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["route", "add", "default", "via", PEER_IP]);
+        peer.ip(&["addr", "add", &format!("{PEER_IP}/24"), "dev", "eth0"]);
+        peer.ip(&["addr", "add", &format!("{PEER_FAR_IP}/32"), "dev", "eth0"]);
+        peer.ip(&["link", "set", "eth0", "up"]);
+        peer.ip(&["link", "set", "lo", "up"]);
+        peer.ip(&["route", "add", "10.99.0.0/16", "dev", "eth0"]);
+        Topology { pod, peer }
+    }
+}
+
+/// A TCP listener inside a netns that answers every connection with one line:
+/// `<label> orig=<SO_ORIGINAL_DST or ->` and closes. Stopped on drop.
+#[derive(Debug)]
+pub struct Listener {
+    fd: TcpListener,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    pub fn start(ns: &Netns, addr: &str, label: &str) -> Self {
+        let addr: SocketAddr = addr.parse().expect("listener address");
+        let listener =
+            ns.run(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+        let fd = listener.try_clone().expect("clone listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let label = label.to_owned();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let orig =
+                    nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::OriginalDst)
+                        .map(|sa| {
+                            let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+                            format!("{ip}:{}", u16::from_be(sa.sin_port))
+                        })
+                        .unwrap_or_else(|_| "-".to_owned());
+                let _ = writeln!(conn, "{label} orig={orig}");
+            }
+        });
+        Listener {
+            fd,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // shutdown(2) on a listening socket wakes a blocked accept(2) on Linux.
+        let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from inside `ns` with the given fsuid/fsgid (what skuid/skgid match) and returns
+/// the line the accepting listener wrote, or the connect error.
+pub fn connect_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String> {
+    let to: SocketAddr = to.parse().expect("target address");
+    ns.run(move || {
+        nix::unistd::setfsgid(Gid::from_raw(gid));
+        nix::unistd::setfsuid(Uid::from_raw(uid));
+        let stream =
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim().to_owned())
+    })
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running `sluice-agent` on a private socket; SIGTERM + wait on drop.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(test: &str) -> Self {
+        Self::start_with(test, &[])
+    }
+
+    pub fn start_with(test: &str, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-test-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let socket = dir.join("agent.sock");
+        let mut agent = Agent {
+            child: None,
+            dir,
+            socket,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = File::create(std::env::temp_dir().join(format!(
+            "sluice-agent-{}.log",
+            self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+        )))
+        .expect("agent log file");
+        let child = Command::new(bin("sluice-agent"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sluice-agent");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        wait_for("the agent socket", Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+    }
+
+    /// Stops the agent (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn socket_str(&self) -> String {
+        self.socket.display().to_string()
+    }
+
+    /// `sluicectl --socket <ours> ARGS`
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("sluicectl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run sluicectl")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The stdin containerd sends a chained plugin (see shared/reference/containerd-ADD-stdin.json),
+/// with our conflist keys and the given annotations and prevResult.
+pub fn conf(
+    version: &str,
+    socket: &str,
+    annotations: &[(&str, &str)],
+    prev: Option<&str>,
+) -> String {
+    let ann: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    let conf = serde_json::json!({
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true, "portMappings": true},
+        "cniVersion": version,
+        "name": "example-net",
+        "type": "sluice-cni",
+        "agentSocket": socket,
+        "timeoutMs": 2000,
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": ann},
+    });
+    let mut text = conf.to_string();
+    if let Some(prev) = prev {
+        // Spliced in as text so the exact bytes reach the plugin.
+        text.pop();
+        text.push_str(&format!(",\"prevResult\":{prev}}}"));
+    }
+    text
+}
+
+/// A prevResult as the bridge plugin prints it, for the given version.
+pub fn prev_result(version: &str) -> String {
+    format!(
+        r#"{{"cniVersion":"{version}","interfaces":[{{"name":"cni0","mac":"ae:27:49:13:d0:b5"}},{{"name":"veth887c2dfd","mac":"9e:50:a9:d6:e8:cf"}},{{"name":"eth0","mac":"c2:3f:67:e2:46:fa","sandbox":"/var/run/netns/x"}}],"ips":[{{"address":"10.99.0.2/24","gateway":"10.99.0.1","interface":2}}],"routes":[{{"dst":"0.0.0.0/0"}}],"dns":{{"nameservers":["10.96.0.10"]}}}}"#
+    )
+}
+
+/// What one run of the plugin produced.
+#[derive(Debug)]
+pub struct CniRun {
+    pub exit: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniRun {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("plugin stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// The CNI error code, asserting the run failed with error JSON.
+    pub fn error_code(&self) -> u64 {
+        assert_eq!(self.exit, 1, "expected a CNI error, got {self:?}");
+        self.json()["code"].as_u64().expect("error JSON has a code")
+    }
+}
+
+/// Runs the real `sluice-cni` like a runtime does.
+pub fn cni(command: &str, container_id: &str, netns: &str, stdin: &str) -> CniRun {
+    let mut child = Command::new(bin("sluice-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container_id};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{container_id}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait sluice-cni");
+    CniRun {
+        exit: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

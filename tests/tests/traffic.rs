@@ -1,0 +1,205 @@
+//! Capture proven by packets: real netns, real veth, the real plugin and agent, and listeners
+//! that report the original destination of what they accept.
+
+use sluice_tests::*;
+
+const APP_UID: u32 = 1000;
+const PROXY_ID: u32 = 1337;
+
+/// Topology + agent + a real CNI ADD with these annotations.
+fn attached(test: &str, annotations: &[(&str, &str)]) -> (Topology, Agent) {
+    require_root();
+    let topo = Topology::new(test);
+    let agent = Agent::start(test);
+    let mut all = vec![("sluice.dev/redirect", "enabled")];
+    all.extend_from_slice(annotations);
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &all,
+        Some(&prev_result("1.0.0")),
+    );
+    let run = cni("ADD", test, &topo.pod.path(), &stdin);
+    assert_eq!(run.exit, 0, "ADD failed: {run:?}");
+    (topo, agent)
+}
+
+fn proxy_listeners(topo: &Topology) -> [Listener; 3] {
+    [
+        Listener::start(&topo.pod, "0.0.0.0:15001", "outbound"),
+        Listener::start(&topo.pod, "0.0.0.0:15006", "inbound"),
+        Listener::start(&topo.peer, "0.0.0.0:8080", "peer"),
+    ]
+}
+
+fn label(reply: &Result<String, String>) -> &str {
+    reply
+        .as_deref()
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .unwrap_or("connect-failed")
+}
+
+#[test]
+fn outbound_tcp_from_the_app_lands_on_the_outbound_port_with_its_original_destination() {
+    let (topo, _agent) = attached("out", &[]);
+    let _l = proxy_listeners(&topo);
+    assert!(
+        topo.pod.ip(&["link", "show", "lo"]).contains("UP"),
+        "sluice brings lo up"
+    );
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080"),
+        Ok("outbound orig=10.99.0.1:8080".to_owned())
+    );
+    assert_eq!(
+        connect_as(&topo.pod, 0, 0, "10.98.0.1:443"),
+        Ok("outbound orig=10.98.0.1:443".to_owned()),
+        "root in the pod is an app user too"
+    );
+}
+
+#[test]
+fn the_proxy_uid_and_the_proxy_gid_bypass_capture() {
+    let (topo, _agent) = attached("proxy", &[]);
+    let _l = proxy_listeners(&topo);
+    assert_eq!(
+        label(&connect_as(&topo.pod, PROXY_ID, APP_UID, "10.99.0.1:8080")),
+        "peer"
+    );
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, PROXY_ID, "10.99.0.1:8080")),
+        "peer"
+    );
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080")),
+        "outbound"
+    );
+}
+
+#[test]
+fn excluded_outbound_ports_and_cidrs_bypass_capture() {
+    let (topo, _agent) = attached(
+        "excl",
+        &[
+            ("sluice.dev/exclude-outbound-ports", "9090"),
+            ("sluice.dev/exclude-outbound-cidrs", "10.98.0.0/16"),
+        ],
+    );
+    let _l = proxy_listeners(&topo);
+    let _p9090 = Listener::start(&topo.peer, "0.0.0.0:9090", "peer9090");
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:9090")),
+        "peer9090"
+    );
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, APP_UID, "10.98.0.1:8080")),
+        "peer"
+    );
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080"),
+        Ok("outbound orig=10.99.0.1:8080".to_owned())
+    );
+}
+
+#[test]
+fn include_outbound_cidrs_limits_capture_to_the_listed_networks() {
+    let (topo, _agent) = attached(
+        "incl",
+        &[("sluice.dev/include-outbound-cidrs", "10.98.0.0/16")],
+    );
+    let _l = proxy_listeners(&topo);
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.98.0.1:8080"),
+        Ok("outbound orig=10.98.0.1:8080".to_owned())
+    );
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080")),
+        "peer"
+    );
+}
+
+#[test]
+fn localhost_is_never_redirected() {
+    let (topo, _agent) = attached("lo", &[]);
+    let _l = proxy_listeners(&topo);
+    let _app = Listener::start(&topo.pod, "127.0.0.1:9000", "app");
+    for (uid, gid) in [(APP_UID, APP_UID), (PROXY_ID, PROXY_ID)] {
+        assert_eq!(
+            label(&connect_as(&topo.pod, uid, gid, "127.0.0.1:9000")),
+            "app",
+            "uid {uid}"
+        );
+    }
+}
+
+#[test]
+fn the_proxy_calling_its_own_pod_over_lo_is_looped_to_the_inbound_port() {
+    let (topo, _agent) = attached("loop", &[]);
+    let _l = proxy_listeners(&topo);
+    let _app = Listener::start(&topo.pod, "0.0.0.0:8080", "app");
+    assert_eq!(
+        connect_as(&topo.pod, PROXY_ID, PROXY_ID, "10.99.0.2:8080"),
+        Ok("inbound orig=10.99.0.2:8080".to_owned())
+    );
+    // The app calling its own pod IP goes over lo and is left alone.
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.2:8080")),
+        "app"
+    );
+}
+
+#[test]
+fn inbound_tcp_from_the_peer_lands_on_the_inbound_port() {
+    let (topo, _agent) = attached("in", &[]);
+    let _l = proxy_listeners(&topo);
+    let _app = Listener::start(&topo.pod, "0.0.0.0:8080", "app");
+    assert_eq!(
+        connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:8080"),
+        Ok("inbound orig=10.99.0.2:8080".to_owned())
+    );
+}
+
+#[test]
+fn an_excluded_inbound_port_reaches_the_app() {
+    let (topo, _agent) = attached(
+        "inexcl",
+        &[("sluice.dev/exclude-inbound-ports", "15020,8081")],
+    );
+    let _l = proxy_listeners(&topo);
+    let _a = Listener::start(&topo.pod, "0.0.0.0:15020", "app15020");
+    let _b = Listener::start(&topo.pod, "0.0.0.0:8081", "app8081");
+    let _c = Listener::start(&topo.pod, "0.0.0.0:8080", "app8080");
+    assert_eq!(
+        label(&connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:15020")),
+        "app15020"
+    );
+    assert_eq!(
+        label(&connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:8081")),
+        "app8081"
+    );
+    assert_eq!(
+        label(&connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:8080")),
+        "inbound"
+    );
+}
+
+#[test]
+fn a_pod_without_the_annotation_is_not_touched() {
+    require_root();
+    let topo = Topology::new("none");
+    let _l = proxy_listeners(&topo);
+    // No agent at all: the plugin must not need it.
+    let stdin = conf(
+        "1.0.0",
+        "/nonexistent/agent.sock",
+        &[("other/annotation", "x")],
+        Some(&prev_result("1.0.0")),
+    );
+    let run = cni("ADD", "none", &topo.pod.path(), &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert!(topo.pod.sluice_table().is_none());
+    assert_eq!(
+        label(&connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080")),
+        "peer"
+    );
+}
