@@ -136,13 +136,14 @@ impl Policy {
     /// Opens and vets a pod netns path.
     pub fn open(&self, path: &str) -> Result<PodNetns, NetnsError> {
         let path = PathBuf::from(path);
+        // Components drop "." and repeated slashes, so comparing the rebuilt path with the
+        // given one catches those, and the component check catches "..".
         let normalized = path.is_absolute()
             && path
                 .components()
                 .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
-            && path
-                .to_str()
-                .is_some_and(|s| !s.ends_with('/') && !s.contains("//"));
+            && path.components().collect::<PathBuf>().as_os_str() == path.as_os_str()
+            && path.to_str().is_some();
         if !normalized {
             return Err(NetnsError::NotNormalized(path));
         }

@@ -51,17 +51,18 @@ pub fn sh(args: &[&str]) -> String {
 /// `make test` builds them first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binaries live in target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: build the binaries first (`cargo build --workspace --bins`, which `make test` does)",
-        path.display()
-    );
-    path
+    // Test binaries run from target/<profile>/deps, `cargo run` ones from target/<profile>.
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect();
+    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} not found in {candidates:?}: build the binaries first (`cargo build --workspace --bins`, which `make test` does)"
+        )
+    })
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -307,6 +308,14 @@ impl Agent {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// The agent's pid (its /proc entry shows the agent's own namespaces).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("agent is running")
     }
 
     pub fn socket_str(&self) -> String {

@@ -73,10 +73,11 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
     let inet = libc::NFPROTO_INET as u32;
     let mut table = None;
     dump(libc::NFT_MSG_GETTABLE as u16, |nlh| {
-        if let Some(t) = ffi::parse_table(nlh) {
-            if t.family == inet && t.name == TABLE {
-                table = Some(ffi::udata_comment(&t.userdata));
-            }
+        if let Some(t) = ffi::parse_table(nlh)
+            && t.family == inet
+            && t.name == TABLE
+        {
+            table = Some(ffi::udata_comment(&t.userdata));
         }
     })?;
     let Some(comment) = table else {
@@ -84,23 +85,24 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
     };
     let mut chains: Vec<LiveChain> = Vec::new();
     dump(libc::NFT_MSG_GETCHAIN as u16, |nlh| {
-        if let Some(c) = ffi::parse_chain(nlh) {
-            if c.family == inet && c.table == TABLE {
-                chains.push(LiveChain {
-                    name: c.name,
-                    base: c.base,
-                    rules: Vec::new(),
-                });
-            }
+        if let Some(c) = ffi::parse_chain(nlh)
+            && c.family == inet
+            && c.table == TABLE
+        {
+            chains.push(LiveChain {
+                name: c.name,
+                base: c.base,
+                rules: Vec::new(),
+            });
         }
     })?;
     dump(libc::NFT_MSG_GETRULE as u16, |nlh| {
-        if let Some(r) = ffi::parse_rule(nlh) {
-            if r.family == inet && r.table == TABLE {
-                if let Some(c) = chains.iter_mut().find(|c| c.name == r.chain) {
-                    c.rules.push(r.exprs);
-                }
-            }
+        if let Some(r) = ffi::parse_rule(nlh)
+            && r.family == inet
+            && r.table == TABLE
+            && let Some(c) = chains.iter_mut().find(|c| c.name == r.chain)
+        {
+            c.rules.push(r.exprs);
         }
     })?;
     Ok(Some(LiveTable { comment, chains }))
@@ -136,10 +138,10 @@ pub fn expected(rs: &Ruleset) -> LiveTable {
             if nlh.nlmsg_type != newrule {
                 continue;
             }
-            if let Some(r) = ffi::parse_rule(nlh) {
-                if let Some(c) = chains.iter_mut().find(|c| c.name == r.chain) {
-                    c.rules.push(r.exprs);
-                }
+            if let Some(r) = ffi::parse_rule(nlh)
+                && let Some(c) = chains.iter_mut().find(|c| c.name == r.chain)
+            {
+                c.rules.push(r.exprs);
             }
         }
     }
@@ -179,10 +181,14 @@ pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
                         want.rules.len()
                     ));
                 }
-                for (i, (h, w)) in have.rules.iter().zip(&want.rules).enumerate() {
-                    if h != w {
-                        out.push(format!("chain {} rule {} differs", want.name, i + 1));
-                    }
+                // Report the first difference only: after an insert or delete every later rule
+                // shifts, and listing all of them hides the one that matters.
+                if let Some(i) = have.rules.iter().zip(&want.rules).position(|(h, w)| h != w) {
+                    out.push(format!(
+                        "chain {} rule {} differs from the plan",
+                        want.name,
+                        i + 1
+                    ));
                 }
             }
         }

@@ -1,0 +1,33 @@
+# sluice — run as root on Debian 12. Targets install missing Debian packages first.
+CARGO ?= cargo
+DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make
+
+.PHONY: deps build demo test lint bench clean
+
+deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+## The main job on this machine: agent + real sluice-cni ADD in a real netns, proven by packets.
+demo: build
+	$(CARGO) run -q -p sluice-tests --bin sluice-demo
+
+## Unit + integration tests (real kernel, real netns; needs root).
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: build
+	$(CARGO) run -q --release -p sluice-bench
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,288 @@
+//! The CNI protocol through the real `sluice-cni` binary, talking to a real agent.
+
+use sluice_tests::*;
+
+fn redirect() -> Vec<(&'static str, &'static str)> {
+    vec![("sluice.dev/redirect", "enabled")]
+}
+
+#[test]
+fn version_lists_every_supported_version() {
+    let run = cni("VERSION", "", "", r#"{"cniVersion":"1.1.0"}"#);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert_eq!(
+        run.json(),
+        serde_json::json!({"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
+    );
+}
+
+#[test]
+fn add_passes_prev_result_through_unchanged_for_0_4_0_and_1_0_0() {
+    require_root();
+    let topo = Topology::new("prev");
+    let agent = Agent::start("prev");
+    for version in ["0.4.0", "1.0.0"] {
+        let prev = prev_result(version);
+        let run = cni(
+            "ADD",
+            &format!("prev{}", version.replace('.', "")),
+            &topo.pod.path(),
+            &conf(version, &agent.socket_str(), &redirect(), Some(&prev)),
+        );
+        assert_eq!(run.exit, 0, "{run:?}");
+        let expected: serde_json::Value = serde_json::from_str(&prev).expect("prev JSON");
+        assert_eq!(
+            run.json(),
+            expected,
+            "prevResult must come back as it went in ({version})"
+        );
+        assert_eq!(run.stdout, prev, "byte-for-byte too ({version})");
+    }
+    assert!(topo.pod.sluice_table().is_some());
+}
+
+#[test]
+fn add_twice_is_idempotent() {
+    require_root();
+    let topo = Topology::new("twice");
+    let agent = Agent::start("twice");
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &redirect(),
+        Some(&prev_result("1.0.0")),
+    );
+    assert_eq!(cni("ADD", "twice", &topo.pod.path(), &stdin).exit, 0);
+    let first = topo.pod.sluice_table().expect("table after first ADD");
+    assert_eq!(cni("ADD", "twice", &topo.pod.path(), &stdin).exit, 0);
+    let second = topo.pod.sluice_table().expect("table after second ADD");
+    assert_eq!(first, second);
+    let tables = topo.pod.exec(&["nft", "list", "tables"]);
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stdout).trim(),
+        "table inet sluice"
+    );
+    assert_eq!(cni("CHECK", "twice", &topo.pod.path(), &stdin).exit, 0);
+}
+
+#[test]
+fn del_succeeds_twice_with_no_netns_and_after_the_netns_is_gone() {
+    require_root();
+    let topo = Topology::new("del");
+    let agent = Agent::start("del");
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &redirect(),
+        Some(&prev_result("1.0.0")),
+    );
+    assert_eq!(cni("ADD", "del", &topo.pod.path(), &stdin).exit, 0);
+    let del = cni("DEL", "del", &topo.pod.path(), &stdin);
+    assert_eq!((del.exit, del.stdout.as_str()), (0, ""), "{del:?}");
+    assert!(topo.pod.sluice_table().is_none(), "DEL removes the table");
+    assert_eq!(
+        cni("DEL", "del", &topo.pod.path(), &stdin).exit,
+        0,
+        "second DEL"
+    );
+    assert_eq!(
+        cni("DEL", "del", "", &stdin).exit,
+        0,
+        "DEL with empty CNI_NETNS"
+    );
+
+    let gone = Netns::new("sl-del-gone");
+    assert_eq!(cni("ADD", "gone", &gone.path(), &stdin).exit, 0);
+    let path = gone.path();
+    drop(gone);
+    assert_eq!(
+        cni("DEL", "gone", &path, &stdin).exit,
+        0,
+        "DEL after the netns was deleted"
+    );
+    let list = agent.ctl(&["list"]);
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains("gone"),
+        "the agent forgot it"
+    );
+}
+
+#[test]
+fn check_fails_after_someone_deletes_our_table() {
+    require_root();
+    let topo = Topology::new("check");
+    let agent = Agent::start("check");
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &redirect(),
+        Some(&prev_result("1.0.0")),
+    );
+    assert_eq!(cni("ADD", "check", &topo.pod.path(), &stdin).exit, 0);
+    assert_eq!(cni("CHECK", "check", &topo.pod.path(), &stdin).exit, 0);
+    assert!(
+        topo.pod
+            .exec(&["nft", "delete", "table", "inet", "sluice"])
+            .status
+            .success()
+    );
+    let run = cni("CHECK", "check", &topo.pod.path(), &stdin);
+    assert_eq!(run.error_code(), 100, "{run:?}");
+    assert!(
+        run.json()["details"]
+            .as_str()
+            .unwrap_or("")
+            .contains("missing"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn check_reports_a_rule_changed_by_hand() {
+    require_root();
+    let topo = Topology::new("drift");
+    let agent = Agent::start("drift");
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &redirect(),
+        Some(&prev_result("1.0.0")),
+    );
+    assert_eq!(cni("ADD", "drift", &topo.pod.path(), &stdin).exit, 0);
+    // Someone inserts an accept-all at the top of the outbound chain.
+    assert!(
+        topo.pod
+            .exec(&[
+                "nft", "insert", "rule", "inet", "sluice", "outbound", "accept"
+            ])
+            .status
+            .success()
+    );
+    let run = cni("CHECK", "drift", &topo.pod.path(), &stdin);
+    assert_eq!(run.error_code(), 100, "{run:?}");
+    let out = agent.ctl(&["check", "drift"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("chain outbound has 10 rules, expected 9"),
+        "{out:?}"
+    );
+    assert!(stdout.contains("chain outbound rule 1 differs"), "{out:?}");
+}
+
+#[test]
+fn add_with_the_agent_stopped_is_try_again_later_naming_the_socket() {
+    require_root();
+    let topo = Topology::new("down");
+    let mut agent = Agent::start("down");
+    agent.stop();
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &redirect(),
+        Some(&prev_result("1.0.0")),
+    );
+    let run = cni("ADD", "down", &topo.pod.path(), &stdin);
+    assert_eq!(run.error_code(), 11, "{run:?}");
+    assert!(
+        run.json()["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&agent.socket_str()),
+        "{run:?}"
+    );
+    assert!(topo.pod.sluice_table().is_none());
+    // STATUS says the plugin cannot serve; DEL still succeeds.
+    assert_eq!(cni("STATUS", "", "", &stdin).error_code(), 50);
+    assert_eq!(cni("DEL", "down", &topo.pod.path(), &stdin).exit, 0);
+    agent.restart();
+    assert_eq!(cni("STATUS", "", "", &stdin).exit, 0);
+    assert_eq!(
+        cni("ADD", "down", &topo.pod.path(), &stdin).exit,
+        0,
+        "retry after restart works"
+    );
+}
+
+#[test]
+fn a_bad_annotation_is_invalid_config_naming_it_and_nothing_is_applied() {
+    require_root();
+    let topo = Topology::new("bad");
+    let agent = Agent::start("bad");
+    for (key, value) in [
+        ("sluice.dev/outbound-port", "70000"),
+        ("sluice.dev/exclude-outbound-cidrs", "10.0.0.0/33"),
+        ("sluice.dev/exclude-inbound-ports", "80,,90"),
+        ("sluice.dev/redirect", "yes"),
+        ("sluice.dev/exclude-outbound-port", "80"),
+    ] {
+        let mut ann = redirect();
+        if key == "sluice.dev/redirect" {
+            ann.clear();
+        }
+        ann.push((key, value));
+        let run = cni(
+            "ADD",
+            "bad",
+            &topo.pod.path(),
+            &conf(
+                "1.0.0",
+                &agent.socket_str(),
+                &ann,
+                Some(&prev_result("1.0.0")),
+            ),
+        );
+        assert_eq!(run.error_code(), 7, "{key}={value}: {run:?}");
+        let msg = run.json()["msg"].as_str().unwrap_or("").to_owned();
+        assert!(
+            msg.contains(key) && msg.contains(value),
+            "message names {key} and {value}: {msg}"
+        );
+        assert!(
+            topo.pod.sluice_table().is_none(),
+            "nothing applied for {key}={value}"
+        );
+    }
+}
+
+#[test]
+fn garbage_on_stdin_is_a_decode_failure() {
+    for input in [
+        "",
+        "not json",
+        "{\"cniVersion\":",
+        "\u{0}\u{1}\u{2}",
+        "[1,2,3]",
+    ] {
+        let run = cni("ADD", "garbage", "/var/run/netns/none", input);
+        assert_eq!(run.error_code(), 6, "{input:?}: {run:?}");
+    }
+    let run = cni(
+        "ADD",
+        "old",
+        "/var/run/netns/none",
+        r#"{"cniVersion":"0.2.0","name":"n","type":"sluice-cni"}"#,
+    );
+    assert_eq!(run.error_code(), 1, "{run:?}");
+    let run = cni(
+        "BOGUS",
+        "x",
+        "/var/run/netns/none",
+        r#"{"cniVersion":"1.0.0","name":"n","type":"sluice-cni"}"#,
+    );
+    assert_eq!(run.error_code(), 4, "{run:?}");
+}
+
+#[test]
+fn add_without_the_annotation_never_calls_the_agent() {
+    // No root needed: nothing is touched and no agent exists at that socket.
+    let stdin = conf(
+        "1.0.0",
+        "/nonexistent/agent.sock",
+        &[("sluice.dev/redirect", "disabled")],
+        Some(&prev_result("1.0.0")),
+    );
+    let run = cni("ADD", "skip", "/var/run/netns/does-not-matter", &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert_eq!(run.stdout, prev_result("1.0.0"));
+}

@@ -1,0 +1,141 @@
+//! Golden tests of the rendered `nft` text, and proof that the text is what the kernel holds:
+//! after a real ADD, `nft list table inet sluice` prints exactly the golden listing, and
+//! loading the golden script with `nft -f` yields the same listing again.
+//!
+//! Regenerate with `UPDATE_GOLDEN=1 cargo test -p sluice-tests --test golden` and review the diff.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use sluice::plan::{Decision, PlanDefaults, decide};
+use sluice::ruleset::{Owner, Ruleset};
+use sluice_tests::*;
+
+const CONTAINER: &str = "golden";
+
+const CASES: &[(&str, &[(&str, &str)])] = &[
+    ("default", &[]),
+    (
+        "exclusions",
+        &[
+            ("sluice.dev/exclude-outbound-ports", "9090,9091"),
+            (
+                "sluice.dev/exclude-outbound-cidrs",
+                "10.0.0.0/8, 192.168.0.0/16",
+            ),
+            ("sluice.dev/exclude-inbound-ports", "15020,15021,8081"),
+        ],
+    ),
+    (
+        "include-lists",
+        &[
+            ("sluice.dev/include-inbound-ports", "80,443"),
+            (
+                "sluice.dev/include-outbound-cidrs",
+                "10.96.0.0/12,172.16.0.0/12",
+            ),
+        ],
+    ),
+    (
+        "custom-proxy",
+        &[
+            ("sluice.dev/outbound-port", "4140"),
+            ("sluice.dev/inbound-port", "4143"),
+            ("sluice.dev/proxy-uid", "2102"),
+            ("sluice.dev/proxy-gid", "2102"),
+            ("sluice.dev/exclude-inbound-ports", "4190,4191"),
+        ],
+    ),
+    ("no-inbound", &[("sluice.dev/include-inbound-ports", "")]),
+];
+
+fn annotations(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut all = vec![("sluice.dev/redirect", "enabled")];
+    all.extend_from_slice(extra);
+    all
+}
+
+fn render(extra: &[(&'static str, &'static str)]) -> String {
+    let map: BTreeMap<String, String> = annotations(extra)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let Ok(Decision::Capture { plan, .. }) = decide(&map, &PlanDefaults::default()) else {
+        panic!("golden cases all capture");
+    };
+    // The owner matches what `cni()` sends for container "golden" (K8S_POD_UID=uid-golden).
+    let owner = Owner::new(&plan.fingerprint(), &format!("uid-{CONTAINER}"), CONTAINER);
+    Ruleset::from_plan(&plan, owner).to_nft_script()
+}
+
+fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(format!("{name}.nft"))
+}
+
+/// The listing part of a script (what `nft list table` prints).
+fn listing(script: &str) -> String {
+    script.lines().skip(2).map(|l| format!("{l}\n")).collect()
+}
+
+#[test]
+fn rendered_text_matches_the_golden_files() {
+    let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
+    for (name, extra) in CASES {
+        let text = render(extra);
+        let path = golden_path(name);
+        if update {
+            std::fs::write(&path, &text).expect("write golden");
+            continue;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+                path.display()
+            )
+        });
+        assert_eq!(text, want, "case {name} differs from {}", path.display());
+    }
+}
+
+#[test]
+fn the_kernel_holds_exactly_the_golden_text() {
+    require_root();
+    let agent = Agent::start("golden");
+    for (name, extra) in CASES {
+        let golden = std::fs::read_to_string(golden_path(name)).expect("golden file");
+
+        let via_agent = Netns::new(&format!("sl-gold-{name}"));
+        let stdin = conf(
+            "1.0.0",
+            &agent.socket_str(),
+            &annotations(extra),
+            Some(&prev_result("1.0.0")),
+        );
+        let run = cni("ADD", CONTAINER, &via_agent.path(), &stdin);
+        assert_eq!(run.exit, 0, "{name}: {run:?}");
+        assert_eq!(
+            via_agent.sluice_table().as_deref(),
+            Some(listing(&golden).as_str()),
+            "{name}: agent"
+        );
+
+        let via_nft = Netns::new(&format!("sl-goldf-{name}"));
+        let script =
+            std::env::temp_dir().join(format!("sluice-golden-{name}-{}.nft", std::process::id()));
+        std::fs::write(&script, &golden).expect("script");
+        let out = via_nft.exec(&["nft", "-f", script.to_str().expect("utf8")]);
+        let _ = std::fs::remove_file(&script);
+        assert!(
+            out.status.success(),
+            "{name}: nft -f: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            via_nft.sluice_table().as_deref(),
+            Some(listing(&golden).as_str()),
+            "{name}: nft -f"
+        );
+    }
+}
