@@ -251,6 +251,8 @@ pub struct Agent {
     child: Option<Child>,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// Where the agent's stderr (its logs) goes.
+    pub log: PathBuf,
     extra: Vec<String>,
 }
 
@@ -263,10 +265,13 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("sluice-test-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join("agent.sock");
+        let log =
+            std::env::temp_dir().join(format!("sluice-agent-{test}-{}.log", std::process::id()));
         let mut agent = Agent {
             child: None,
             dir,
             socket,
+            log,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
@@ -274,11 +279,11 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
-        let log = File::create(std::env::temp_dir().join(format!(
-            "sluice-agent-{}.log",
-            self.dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")
-        )))
-        .expect("agent log file");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log file");
         let child = Command::new(bin("sluice-agent"))
             .arg("--socket")
             .arg(&self.socket)
@@ -337,6 +342,10 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Keep the log of a failing test for a look; drop it otherwise.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
