@@ -1,6 +1,382 @@
-//! `sluice-bench`: placeholder until the benchmark issue lands; it says so and exits non-zero
-//! so nobody mistakes it for a result.
-fn main() {
-    eprintln!("sluice-bench is not built yet (see the benchmark issue)");
-    std::process::exit(2);
+//! `sluice-bench`: attach latency of sluice against the ways capture rules are applied in the
+//! field (iptables-restore, iptables-legacy-restore, one iptables exec per rule, nft -f, an
+//! init container), the same capture semantics each time (Istio's default sidecar plan), in
+//! one run, on a fresh pod netns per sample. Netns creation and teardown are never timed.
+#![forbid(unsafe_code)]
+
+mod env;
+mod methods;
+mod report;
+mod runc;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::env::{Netns, run_with_stdin};
+use crate::methods::{ALL, Method, Runner};
+use crate::report::{ConcurrencyResult, MethodResult, PopulationResult, Report, Rss, Sample};
+use crate::stats::summarize;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Attach-latency benchmark: sluice vs iptables-based init"
+)]
+struct Args {
+    /// A small run (for CI and smoke checks): fewer samples per method and sweep.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for results.md, samples.csv, summary.json and latency.svg.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// Timed samples per method at concurrency 1 [default: 200, quick: 20].
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Untimed warm-up samples per method [default: 10, quick: 3].
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[command(subcommand)]
+    probe: Option<Probe>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Probe {
+    /// Internal: run one sluice-cni ADD and print its peak RSS in KiB (getrusage of children).
+    #[command(hide = true)]
+    PluginRss { netns: String, socket: String },
+}
+
+const CONCURRENCY: [usize; 3] = [1, 8, 32];
+const POPULATION: [usize; 3] = [0, 100, 1000];
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_owned());
+    pb
+}
+
+fn ns_name(tag: &str, i: usize) -> String {
+    format!("slb-{}-{tag}-{i}", std::process::id() % 100_000)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Probe::PluginRss { netns, socket }) = args.probe {
+        return plugin_rss_probe(&netns, &socket);
+    }
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "sluice-bench needs root (netns, nftables)"
+    );
+    let samples = args.samples.unwrap_or(if args.quick { 20 } else { 200 });
+    let warmup = args.warmup.unwrap_or(if args.quick { 3 } else { 10 });
+    let rounds = if args.quick { 2 } else { 8 };
+    let pop_samples = if args.quick { 10 } else { 100 };
+
+    let mut runner = Runner::new()?;
+    let mut all_samples: Vec<Sample> = Vec::new();
+    let mut rss = Rss {
+        agent_kib_0: runner.agent.rss_kib().ok(),
+        ..Default::default()
+    };
+    rss.plugin_peak_kib = plugin_rss(&runner)
+        .map_err(|e| eprintln!("plugin RSS probe failed: {e:#}"))
+        .ok();
+
+    // 1. Every method at concurrency 1.
+    let mut methods = Vec::new();
+    for method in ALL {
+        let pb = bar(warmup + samples, method.id());
+        let result = measure(&mut runner, method, warmup, samples, &pb);
+        pb.finish();
+        methods.push(match result {
+            Ok(durations) => {
+                all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
+                    sweep: "method",
+                    method: method.id().to_owned(),
+                    concurrency: 1,
+                    pods: 0,
+                    index: i,
+                    ms: d.as_secs_f64() * 1e3,
+                }));
+                MethodResult {
+                    id: method.id().to_owned(),
+                    description: method.describe().to_owned(),
+                    skipped: None,
+                    summary: summarize(&durations),
+                    ratio_p50: None,
+                    ratio_p99: None,
+                }
+            }
+            Err(e) => MethodResult {
+                id: method.id().to_owned(),
+                description: method.describe().to_owned(),
+                skipped: Some(format!("{e:#}")),
+                summary: None,
+                ratio_p50: None,
+                ratio_p99: None,
+            },
+        });
+    }
+    let base = methods.first().and_then(|m| m.summary);
+    for m in &mut methods {
+        if let (Some(b), Some(s)) = (base, m.summary) {
+            m.ratio_p50 = Some(s.p50_ms / b.p50_ms);
+            m.ratio_p99 = Some(s.p99_ms / b.p99_ms);
+        }
+    }
+
+    // 2. Concurrency sweep: parallel attaches into distinct netns.
+    let mut concurrency = Vec::new();
+    for method in [Method::SluiceE2e, Method::IptablesNftRestore] {
+        for c in CONCURRENCY {
+            let (durations, wall) = parallel(&runner, method, c, rounds)?;
+            all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
+                sweep: "concurrency",
+                method: method.id().to_owned(),
+                concurrency: c,
+                pods: 0,
+                index: i,
+                ms: d.as_secs_f64() * 1e3,
+            }));
+            concurrency.push(ConcurrencyResult {
+                method: method.id().to_owned(),
+                concurrency: c,
+                summary: summarize(&durations),
+                attaches_per_s: durations.len() as f64 / wall.as_secs_f64(),
+            });
+        }
+    }
+
+    // 3. Node population: one more attach with 0, 100, 1000 pods already attached.
+    let mut population = Vec::new();
+    let mut background: Vec<Netns> = Vec::new();
+    for pods in POPULATION {
+        let pb = bar(
+            pods - background.len(),
+            &format!("attach {pods} background pods"),
+        );
+        while background.len() < pods {
+            let ns = Netns::new(&ns_name("bg", background.len()))?;
+            runner.apply(Method::SluiceRpc, &ns)?;
+            background.push(ns);
+            pb.inc(1);
+        }
+        pb.finish();
+        if pods == 1000 {
+            rss.agent_kib_1000 = runner.agent.rss_kib().ok();
+        }
+        let pb = bar(warmup + pop_samples, &format!("e2e with {pods} pods"));
+        let durations = measure(&mut runner, Method::SluiceE2e, warmup, pop_samples, &pb)?;
+        pb.finish();
+        all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
+            sweep: "population",
+            method: Method::SluiceE2e.id().to_owned(),
+            concurrency: 1,
+            pods,
+            index: i,
+            ms: d.as_secs_f64() * 1e3,
+        }));
+        population.push(PopulationResult {
+            pods,
+            summary: summarize(&durations),
+            ratio_p50_to_empty: None,
+        });
+    }
+    let empty = population.first().and_then(|p| p.summary);
+    for p in &mut population {
+        if let (Some(e), Some(s)) = (empty, p.summary) {
+            p.ratio_p50_to_empty = Some(s.p50_ms / e.p50_ms);
+        }
+    }
+    let pb = bar(background.len(), "tear down background pods");
+    for ns in background.drain(..) {
+        drop(ns);
+        pb.inc(1);
+    }
+    pb.finish();
+
+    let report = Report {
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        quick: args.quick,
+        warmup,
+        methods,
+        concurrency,
+        population,
+        rss,
+    };
+    report.write(&args.out, &all_samples)?;
+    println!("\n{}", report.markdown());
+    println!(
+        "Wrote {}/{{results.md,samples.csv,summary.json,latency.svg}}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Warm-up + timed samples of one method, each on a fresh netns. The first sample is
+/// verified to have really installed the rules.
+fn measure(
+    runner: &mut Runner,
+    method: Method,
+    warmup: usize,
+    n: usize,
+    pb: &ProgressBar,
+) -> anyhow::Result<Vec<Duration>> {
+    if method == Method::InitContainer {
+        if let Err(why) = &runner.init {
+            anyhow::bail!("{why}");
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let ns = Netns::new(&ns_name(method.id(), i))?;
+        let took = runner.apply(method, &ns)?;
+        if i == 0 {
+            runner.verify(method, &ns)?;
+        }
+        if i >= warmup {
+            out.push(took);
+        }
+        drop(ns);
+        pb.inc(1);
+    }
+    Ok(out)
+}
+
+/// `c` workers, each applying `rounds` times into its own fresh netns; returns every latency
+/// and the wall time of the whole sweep point.
+fn parallel(
+    runner: &Runner,
+    method: Method,
+    c: usize,
+    rounds: usize,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let pb = bar(c * rounds, &format!("{} x{c}", method.id()));
+    let spaces: Vec<Vec<Netns>> = (0..c)
+        .map(|w| {
+            (0..rounds)
+                .map(|r| Netns::new(&ns_name(&format!("c{c}w{w}"), r)))
+                .collect()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let barrier = std::sync::Barrier::new(c);
+    let start = Instant::now();
+    let results: Vec<anyhow::Result<Vec<Duration>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = spaces
+            .iter()
+            .enumerate()
+            .map(|(w, list)| {
+                let (barrier, pb) = (&barrier, &pb);
+                s.spawn(move || {
+                    barrier.wait();
+                    list.iter()
+                        .enumerate()
+                        .map(|(r, ns)| {
+                            let d = match method {
+                                Method::SluiceE2e => {
+                                    let mut cmd = runner.cni_command(
+                                        &format!("par-{c}-{w}-{r}-{}", std::process::id()),
+                                        ns,
+                                    );
+                                    let t = Instant::now();
+                                    run_with_stdin(&mut cmd, runner.stdin().as_bytes())?;
+                                    t.elapsed()
+                                }
+                                _ => methods::restore_in(ns, "iptables-nft-restore")?,
+                            };
+                            pb.inc(1);
+                            Ok(d)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+            })
+            .collect()
+    });
+    let wall = start.elapsed();
+    pb.finish();
+    let mut all = Vec::new();
+    for r in results {
+        all.extend(r?);
+    }
+    Ok((all, wall))
+}
+
+/// Peak RSS of one sluice-cni ADD, measured by a child of ours whose only child is the plugin.
+fn plugin_rss(runner: &Runner) -> anyhow::Result<u64> {
+    let ns = Netns::new(&ns_name("rss", 0))?;
+    let out = Command::new(std::env::current_exe()?)
+        .args(["plugin-rss", &ns.path(), &runner.agent.socket_str()])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("probe output")
+}
+
+fn plugin_rss_probe(netns: &str, socket: &str) -> anyhow::Result<()> {
+    let mut cmd = Command::new(env::bin("sluice-cni")?);
+    cmd.env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "rss-probe")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0");
+    run_with_stdin(&mut cmd, methods::cni_stdin(socket).as_bytes())?;
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    println!("{}", usage.max_rss());
+    Ok(())
+}
+
+fn machine() -> String {
+    let uname = nix::sys::utsname::uname().ok();
+    let kernel = uname.as_ref().map_or(String::new(), |u| {
+        u.release().to_string_lossy().into_owned()
+    });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .map_or(0, |kib| kib / 1024 / 1024);
+    format!("{cores} cores ({cpu}), {mem} GiB, Linux {kernel}")
 }

@@ -85,6 +85,9 @@ fn peer_filter(allow: Vec<u32>) -> impl FnMut(Request<()>) -> Result<Request<()>
     }
 }
 
+/// How long in-flight calls may finish after shutdown is requested.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the agent until `shutdown` resolves, then removes the socket.
 pub async fn serve(
     config: AgentConfig,
@@ -111,11 +114,31 @@ pub async fn serve(
                 .await;
         }
     }
-    let result = tonic::transport::Server::builder()
+    // Graceful shutdown waits for clients to hang up; a long-lived client (sluicectl watch,
+    // a benchmark) must not keep a SIGTERMed agent alive, so in-flight calls get a bounded
+    // grace period.
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(AgentServer::with_interceptor(service, peer_filter(allow)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            stopped.notified().await
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = shutdown => {
+            stop.notify_one();
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "clients still connected; stopping anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
     let _ = std::fs::remove_file(&socket);
     tracing::info!("sluice-agent stopped");
     Ok(result?)

@@ -1,6 +1,5 @@
-//! [`Ruleset`] → one nftables netlink batch (nftnl). The batch adds the table, deletes it, and
-//! adds it again with all chains and rules, so applying is atomic and idempotent: the kernel
-//! either commits the whole new table or keeps exactly what was there.
+//! [`Ruleset`] → one nftables netlink batch (nftnl). Each batch is one transaction: the kernel
+//! either commits the whole table with all chains and rules or keeps exactly what was there.
 
 use std::ffi::CString;
 use std::net::IpAddr;
@@ -18,20 +17,37 @@ fn cstring(s: &str) -> CString {
     CString::new(s).unwrap_or_else(|_| unreachable!("chain and table names are NUL-free literals"))
 }
 
-fn table_msg(comment: Option<&str>) -> TableMsg {
+fn table_msg(comment: Option<&str>, exclusive: bool) -> TableMsg {
     TableMsg {
         name: cstring(TABLE),
         family: ProtoFamily::Inet,
+        exclusive,
         userdata: comment.map(comment_udata).unwrap_or_default(),
     }
 }
 
-/// The atomic replace batch for a ruleset.
-pub(super) fn replace(rs: &Ruleset) -> FinalizedBatch {
+/// How the batch treats a table that may already exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Create the table; the kernel answers EEXIST (and applies nothing) if it exists. This
+    /// is the fresh-pod path: no object is deleted, so the commit needs no RCU grace period.
+    Create,
+    /// Add, delete and re-add the table in one transaction: an atomic replace whether or not
+    /// it exists (the deleted objects are freed after an RCU grace period, ~10 ms here).
+    Replace,
+}
+
+/// The batch that installs a ruleset.
+pub(super) fn install(rs: &Ruleset, mode: Mode) -> FinalizedBatch {
     let mut batch = Batch::new();
-    batch.add(&table_msg(None), MsgType::Add);
-    batch.add(&table_msg(None), MsgType::Del);
-    batch.add(&table_msg(Some(&rs.owner.to_comment())), MsgType::Add);
+    if mode == Mode::Replace {
+        batch.add(&table_msg(None, false), MsgType::Add);
+        batch.add(&table_msg(None, false), MsgType::Del);
+    }
+    batch.add(
+        &table_msg(Some(&rs.owner.to_comment()), mode == Mode::Create),
+        MsgType::Add,
+    );
 
     let table = nftnl::Table::new(cstring(TABLE), ProtoFamily::Inet);
     let chains: Vec<nftnl::Chain<'_>> = rs
@@ -65,7 +81,7 @@ pub(super) fn replace(rs: &Ruleset) -> FinalizedBatch {
 /// Deletes the table; the kernel answers ENOENT when there is none.
 pub(super) fn delete() -> FinalizedBatch {
     let mut batch = Batch::new();
-    batch.add(&table_msg(None), MsgType::Del);
+    batch.add(&table_msg(None, false), MsgType::Del);
     batch.finalize()
 }
 

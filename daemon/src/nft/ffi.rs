@@ -59,6 +59,8 @@ impl Expression for Redir {
 pub(super) struct TableMsg {
     pub name: CString,
     pub family: ProtoFamily,
+    /// Add with NLM_F_EXCL: fail with EEXIST instead of reusing an existing table.
+    pub exclusive: bool,
     /// Raw userdata TLVs, see [`comment_udata`].
     pub userdata: Vec<u8>,
 }
@@ -72,6 +74,10 @@ unsafe impl nftnl::NlMsg for TableMsg {
             MsgType::Add => libc::NFT_MSG_NEWTABLE,
             MsgType::Del => libc::NFT_MSG_DELTABLE,
         };
+        let mut flags = libc::NLM_F_ACK;
+        if self.exclusive && matches!(msg_type, MsgType::Add) {
+            flags |= libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+        }
         // Safety: `table` is live until freed below; strings are NUL-terminated and copied by
         // libnftnl; `userdata` outlives the set_data call, which copies it; `buf` has room for
         // one message (trait contract).
@@ -91,7 +97,7 @@ unsafe impl nftnl::NlMsg for TableMsg {
                 buf.cast::<c_char>(),
                 raw_type as u16,
                 self.family as u16,
-                libc::NLM_F_ACK as u16,
+                flags as u16,
                 seq,
             );
             sys::nftnl_table_nlmsg_build_payload(header, t);

@@ -49,9 +49,16 @@ impl LiveTable {
     }
 }
 
-/// Replaces `inet sluice` in the current netns with `rs`, atomically.
+/// Installs `rs` as `inet sluice` in the current netns, atomically. A fresh pod takes one
+/// create-only batch; if the table already exists (re-ADD) that batch is refused whole and an
+/// atomic replace follows, so re-apply stays idempotent.
 pub fn apply(rs: &Ruleset) -> Result<(), NftError> {
-    send(&batch::replace(rs))
+    match send(&batch::install(rs, batch::Mode::Create)) {
+        Err(NftError::Batch(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+            send(&batch::install(rs, batch::Mode::Replace))
+        }
+        other => other,
+    }
 }
 
 /// Deletes `inet sluice` from the current netns. `Ok(false)` when there was none.
@@ -111,7 +118,7 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
 /// What [`read`] returns right after [`apply`] of `rs`: computed by parsing our own batch with
 /// the same libnftnl parser the kernel's dump goes through, so equal means equal expressions.
 pub fn expected(rs: &Ruleset) -> LiveTable {
-    let batch = batch::replace(rs);
+    let batch = batch::install(rs, batch::Mode::Create);
     let mut chains: Vec<LiveChain> = rs
         .chains
         .iter()

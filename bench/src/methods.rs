@@ -1,0 +1,274 @@
+//! The ways a pod gets the same capture rules (Istio's default sidecar plan), each applied to a
+//! fresh netns per sample. Only `apply` is timed.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sluice_proto::v1::AttachRequest;
+use sluice_proto::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+use crate::env::{Agent, Netns, bin, run_with_stdin};
+use crate::runc::InitContainer;
+
+/// istio-cni's golden `basic` (default sidecar pod) in iptables-restore form.
+pub const ISTIO_IPT: &str = include_str!("../rules/istio-default.ipt");
+/// The same pod in Istio's native nftables form (`nft -f`).
+pub const ISTIO_NFT: &str = include_str!("../rules/istio-default.nft");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    SluiceE2e,
+    SluiceRpc,
+    IptablesNftRestore,
+    IptablesLegacyRestore,
+    IptablesPerRule,
+    NftFile,
+    InitContainer,
+}
+
+pub const ALL: [Method; 7] = [
+    Method::SluiceE2e,
+    Method::SluiceRpc,
+    Method::IptablesNftRestore,
+    Method::IptablesLegacyRestore,
+    Method::IptablesPerRule,
+    Method::NftFile,
+    Method::InitContainer,
+];
+
+impl Method {
+    pub fn id(self) -> &'static str {
+        match self {
+            Method::SluiceE2e => "sluice-e2e",
+            Method::SluiceRpc => "sluice-rpc",
+            Method::IptablesNftRestore => "iptables-nft-restore",
+            Method::IptablesLegacyRestore => "iptables-legacy-restore",
+            Method::IptablesPerRule => "iptables-per-rule",
+            Method::NftFile => "nft-f",
+            Method::InitContainer => "init-container",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Method::SluiceE2e => "exec sluice-cni ADD (containerd stdin) -> agent -> kernel",
+            Method::SluiceRpc => "Attach RPC from a long-lived client (no process start)",
+            Method::IptablesNftRestore => "iptables-restore (nft backend) in the netns",
+            Method::IptablesLegacyRestore => "iptables-legacy-restore in the netns",
+            Method::IptablesPerRule => "one iptables exec per rule (linkerd proxy-init style)",
+            Method::NftFile => "nft -f in the netns (Istio's nftables backend)",
+            Method::InitContainer => {
+                "runc run of a busybox init container (NET_ADMIN+NET_RAW) running iptables-restore"
+            }
+        }
+    }
+}
+
+/// The stdin containerd sends a chained sluice-cni, asking for the same capture as the
+/// Istio rules (Istio CNI also excludes outbound 15020).
+pub fn cni_stdin(socket: &str) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "bench-net",
+        "type": "sluice-cni",
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+        "agentSocket": socket,
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations()},
+        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.123.0.5/24", "gateway": "10.123.0.1", "interface": 2}], "dns": {}},
+    })
+    .to_string()
+}
+
+fn annotations() -> std::collections::HashMap<String, String> {
+    [
+        ("sluice.dev/redirect", "enabled"),
+        ("sluice.dev/exclude-outbound-ports", "15020"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// `iptables -t nat ...` argument lists equivalent to [`ISTIO_IPT`], one exec each.
+fn per_rule_commands() -> Vec<Vec<String>> {
+    ISTIO_IPT
+        .lines()
+        .filter(|l| l.starts_with("-N ") || l.starts_with("-A "))
+        .map(|l| {
+            let mut args = vec!["-t".to_owned(), "nat".to_owned()];
+            args.extend(l.split_whitespace().map(str::to_owned));
+            args
+        })
+        .collect()
+}
+
+/// Everything the methods need, set up once.
+pub struct Runner {
+    pub agent: Agent,
+    cni: std::path::PathBuf,
+    stdin: String,
+    rt: tokio::runtime::Runtime,
+    client: AgentClient<Channel>,
+    per_rule: Vec<Vec<String>>,
+    pub init: Result<InitContainer, String>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    pub fn new() -> anyhow::Result<Self> {
+        let agent = Agent::start()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let endpoint =
+            tonic::transport::Endpoint::try_from(format!("unix://{}", agent.socket_str()))?;
+        let client = AgentClient::new(
+            rt.block_on(endpoint.connect())
+                .context("connect to agent")?,
+        );
+        Ok(Runner {
+            stdin: cni_stdin(&agent.socket_str()),
+            agent,
+            cni: bin("sluice-cni")?,
+            rt,
+            client,
+            per_rule: per_rule_commands(),
+            init: InitContainer::prepare().map_err(|e| format!("{e:#}")),
+            seq: 0,
+        })
+    }
+
+    /// Applies the rules with `method` to `ns` and returns the time it took.
+    pub fn apply(&mut self, method: Method, ns: &Netns) -> anyhow::Result<Duration> {
+        self.seq += 1;
+        let id = format!("bench-{}-{}", std::process::id(), self.seq);
+        match method {
+            Method::SluiceE2e => {
+                let mut cmd = self.cni_command(&id, ns);
+                let start = Instant::now();
+                run_with_stdin(&mut cmd, self.stdin.as_bytes())?;
+                Ok(start.elapsed())
+            }
+            Method::SluiceRpc => {
+                let request = AttachRequest {
+                    container_id: id,
+                    netns: ns.path(),
+                    ifname: "eth0".into(),
+                    annotations: annotations(),
+                    pod_ips: vec!["10.123.0.5/24".into()],
+                    ..Default::default()
+                };
+                let client = &mut self.client;
+                let start = Instant::now();
+                self.rt.block_on(client.attach(request))?;
+                Ok(start.elapsed())
+            }
+            Method::IptablesNftRestore => restore_in(ns, "iptables-nft-restore"),
+            Method::IptablesLegacyRestore => restore_in(ns, "iptables-legacy-restore"),
+            Method::NftFile => ns.run(|| {
+                let start = Instant::now();
+                run_with_stdin(Command::new("nft").args(["-f", "-"]), ISTIO_NFT.as_bytes())?;
+                Ok(start.elapsed())
+            })?,
+            Method::IptablesPerRule => {
+                let cmds = &self.per_rule;
+                ns.run(|| {
+                    let start = Instant::now();
+                    for args in cmds {
+                        let out = Command::new("iptables-nft").args(args).output()?;
+                        if !out.status.success() {
+                            bail!(
+                                "iptables {args:?}: {}",
+                                String::from_utf8_lossy(&out.stderr)
+                            );
+                        }
+                    }
+                    Ok(start.elapsed())
+                })?
+            }
+            Method::InitContainer => match &self.init {
+                Ok(init) => init.run(&id, ns),
+                Err(why) => bail!("init container unavailable: {why}"),
+            },
+        }
+    }
+
+    pub fn cni_command(&self, id: &str, ns: &Netns) -> Command {
+        let mut cmd = Command::new(&self.cni);
+        cmd.env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={id};K8S_POD_UID=uid-{id}"
+                ),
+            );
+        cmd
+    }
+
+    pub fn stdin(&self) -> &str {
+        &self.stdin
+    }
+
+    /// Checks that `method` really left the capture rules in `ns` (run once per method on an
+    /// untimed sample, so a broken method cannot post fast numbers).
+    pub fn verify(&self, method: Method, ns: &Netns) -> anyhow::Result<()> {
+        let listing = match method {
+            Method::IptablesLegacyRestore => ns.exec(&["iptables-legacy-save", "-t", "nat"])?,
+            Method::IptablesNftRestore | Method::IptablesPerRule | Method::InitContainer => {
+                ns.exec(&["iptables-nft-save", "-t", "nat"])?
+            }
+            _ => ns.exec(&["nft", "list", "ruleset"])?,
+        };
+        let text = String::from_utf8_lossy(&listing.stdout);
+        let needles: &[&str] = match method {
+            Method::SluiceE2e | Method::SluiceRpc => &[
+                "table inet sluice",
+                "redirect to :15001",
+                "redirect to :15006",
+            ],
+            Method::NftFile => &[
+                "table inet istio-proxy-nat",
+                "redirect to :15001",
+                "redirect to :15006",
+            ],
+            _ => &[
+                "ISTIO_OUTPUT",
+                "--to-ports 15001",
+                "--to-ports 15006",
+                "--uid-owner 1337",
+            ],
+        };
+        for n in needles {
+            if !text.contains(n) {
+                bail!(
+                    "{}: {n:?} missing from the netns after apply:\n{text}",
+                    method.id()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn restore_in(ns: &Netns, tool: &str) -> anyhow::Result<Duration> {
+    ns.run(|| {
+        let start = Instant::now();
+        run_with_stdin(&mut Command::new(tool), ISTIO_IPT.as_bytes())?;
+        Ok(start.elapsed())
+    })?
+}
