@@ -1,8 +1,8 @@
 # sluice — run as root on Debian 12. Targets install missing Debian packages first.
 CARGO ?= cargo
-DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make
+DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make runc busybox-static
 
-.PHONY: deps build demo test lint bench clean
+.PHONY: deps build demo test lint bench bench-quick clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -26,8 +26,15 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: build
-	$(CARGO) run -q --release -p sluice-bench
+## Attach-latency benchmark (a few minutes on 2 cores); results in results/.
+bench: deps
+	$(CARGO) build --release --workspace --bins
+	./target/release/sluice-bench --out results
+
+## A small run that keeps the benchmark from rotting (CI); results in results/quick.
+bench-quick: deps
+	$(CARGO) build --release --workspace --bins
+	./target/release/sluice-bench --quick --out results/quick
 
 clean:
 	$(CARGO) clean

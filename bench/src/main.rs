@@ -35,12 +35,15 @@ struct Args {
     /// Directory for results.md, samples.csv, summary.json and latency.svg.
     #[arg(long, default_value = "results")]
     out: PathBuf,
-    /// Timed samples per method at concurrency 1 [default: 200, quick: 20].
+    /// Timed samples per method at concurrency 1 [default: 500, quick: 20].
     #[arg(long)]
     samples: Option<usize>,
     /// Untimed warm-up samples per method [default: 10, quick: 3].
     #[arg(long)]
     warmup: Option<usize>,
+    /// Only these methods (by id, repeatable) and no sweeps: for profiling one path.
+    #[arg(long = "only")]
+    only: Vec<String>,
     #[command(subcommand)]
     probe: Option<Probe>,
 }
@@ -79,10 +82,10 @@ fn main() -> anyhow::Result<()> {
         nix::unistd::Uid::effective().is_root(),
         "sluice-bench needs root (netns, nftables)"
     );
-    let samples = args.samples.unwrap_or(if args.quick { 20 } else { 200 });
+    let samples = args.samples.unwrap_or(if args.quick { 20 } else { 500 });
     let warmup = args.warmup.unwrap_or(if args.quick { 3 } else { 10 });
-    let rounds = if args.quick { 2 } else { 8 };
-    let pop_samples = if args.quick { 10 } else { 100 };
+    let rounds = if args.quick { 2 } else { 16 };
+    let pop_samples = if args.quick { 10 } else { 200 };
 
     let mut runner = Runner::new()?;
     let mut all_samples: Vec<Sample> = Vec::new();
@@ -96,7 +99,10 @@ fn main() -> anyhow::Result<()> {
 
     // 1. Every method at concurrency 1.
     let mut methods = Vec::new();
-    for method in ALL {
+    for method in ALL
+        .into_iter()
+        .filter(|m| args.only.is_empty() || args.only.iter().any(|o| o == m.id()))
+    {
         let pb = bar(warmup + samples, method.id());
         let result = measure(&mut runner, method, warmup, samples, &pb);
         pb.finish();
@@ -119,7 +125,9 @@ fn main() -> anyhow::Result<()> {
                     ratio_p99: None,
                 }
             }
-            Err(e) => MethodResult {
+            // Only the init container may be skipped, and only because runc or busybox is
+            // absent; any other failure is a broken benchmark and fails the run.
+            Err(e) if method == Method::InitContainer && runner.init.is_err() => MethodResult {
                 id: method.id().to_owned(),
                 description: method.describe().to_owned(),
                 skipped: Some(format!("{e:#}")),
@@ -127,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                 ratio_p50: None,
                 ratio_p99: None,
             },
+            Err(e) => return Err(e.context(format!("method {} failed", method.id()))),
         });
     }
     let base = methods.first().and_then(|m| m.summary);
@@ -139,7 +148,11 @@ fn main() -> anyhow::Result<()> {
 
     // 2. Concurrency sweep: parallel attaches into distinct netns.
     let mut concurrency = Vec::new();
-    for method in [Method::SluiceE2e, Method::IptablesNftRestore] {
+    let sweeps = args.only.is_empty();
+    for method in [Method::SluiceE2e, Method::IptablesNftRestore]
+        .into_iter()
+        .filter(|_| sweeps)
+    {
         for c in CONCURRENCY {
             let (durations, wall) = parallel(&runner, method, c, rounds)?;
             all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
@@ -162,7 +175,7 @@ fn main() -> anyhow::Result<()> {
     // 3. Node population: one more attach with 0, 100, 1000 pods already attached.
     let mut population = Vec::new();
     let mut background: Vec<Netns> = Vec::new();
-    for pods in POPULATION {
+    for pods in POPULATION.into_iter().filter(|_| sweeps) {
         let pb = bar(
             pods - background.len(),
             &format!("attach {pods} background pods"),
@@ -235,10 +248,10 @@ fn measure(
     n: usize,
     pb: &ProgressBar,
 ) -> anyhow::Result<Vec<Duration>> {
-    if method == Method::InitContainer {
-        if let Err(why) = &runner.init {
-            anyhow::bail!("{why}");
-        }
+    if method == Method::InitContainer
+        && let Err(why) = &runner.init
+    {
+        anyhow::bail!("{why}");
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..warmup + n {

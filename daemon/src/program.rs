@@ -2,6 +2,8 @@
 //! worker thread: one nftables batch plus device setup, with rollback, so a pod ends up either
 //! fully programmed or untouched.
 
+use std::time::Instant;
+
 use crate::device::{self, DeviceError};
 use crate::nft::{self, LiveTable, NftError};
 use crate::ruleset::Ruleset;
@@ -17,15 +19,27 @@ pub enum ProgramError {
 /// Applies the ruleset (one atomic batch), then device setup. If device setup fails the table
 /// is removed again, so the pod is left without capture and the ADD fails; the runtime then
 /// tears the sandbox down.
-pub fn attach(rs: &Ruleset) -> Result<(), ProgramError> {
+pub fn attach(rs: &Ruleset) -> Result<Timings, ProgramError> {
+    let start = Instant::now();
     nft::apply(rs)?;
+    let nft_done = Instant::now();
     if let Err(e) = device::setup() {
         if let Err(rb) = nft::remove() {
             tracing::error!(error = %rb, "rollback after failed device setup also failed");
         }
         return Err(ProgramError::Device(e));
     }
-    Ok(())
+    Ok(Timings {
+        nft_us: (nft_done - start).as_micros() as u64,
+        device_us: nft_done.elapsed().as_micros() as u64,
+    })
+}
+
+/// Where an attach spent its time inside the pod's namespace (logged per attach).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    pub nft_us: u64,
+    pub device_us: u64,
 }
 
 /// Removes our table. `Ok(false)` when there was nothing to remove.

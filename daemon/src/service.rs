@@ -128,7 +128,8 @@ impl Agent for AgentService {
             Ruleset::from_plan(&plan, Owner::new(&fingerprint, &pod.uid, &req.container_id));
         let rule_count = ruleset.rule_count() as u32;
         let ns = self.open(&req.netns)?;
-        ns.run(move || program::attach(&ruleset))
+        let timings = ns
+            .run(move || program::attach(&ruleset))
             .await
             .map_err(netns_status)?
             .map_err(|e| {
@@ -138,7 +139,8 @@ impl Agent for AgentService {
         let duration_us = start.elapsed().as_micros() as u64;
         tracing::info!(
             container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name),
-            netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us, "attached"
+            netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us,
+            nft_us = timings.nft_us, device_us = timings.device_us, "attached"
         );
         self.registry.insert(Record {
             attachment: Attachment {

@@ -217,24 +217,79 @@ fn recv_buffer() -> Vec<u8> {
     vec![0u8; nftnl::nft_nlmsg_maxsize() as usize]
 }
 
-/// Sends a batch and waits for every ACK; the first error aborts the transaction (the kernel
-/// has then applied nothing of it).
+/// Sends a batch as one datagram and waits for the kernel's verdict on the whole
+/// transaction. Only the batch-end message asks for an ACK: the kernel reports an error for
+/// any failing message regardless (and then applies nothing), so per-message ACKs would only
+/// cost one extra receive each.
 fn send(batch: &FinalizedBatch) -> Result<(), NftError> {
+    let mut buf: Vec<u8> = batch.iter().flatten().copied().collect();
+    let last_seq = ack_only_last(&mut buf)
+        .ok_or_else(|| NftError::Batch(io::Error::other("empty nftables batch")))?;
     let socket = socket()?;
-    socket.send_all(batch).map_err(NftError::Batch)?;
-    let portid = socket.portid();
+    let sent = socket.send(&buf).map_err(NftError::Batch)?;
+    if sent < buf.len() {
+        return Err(NftError::Batch(io::Error::other(
+            "short send of the nftables batch",
+        )));
+    }
     let mut buffer = recv_buffer();
-    let mut seqs = batch.sequence_numbers();
-    while !seqs.is_empty() {
-        for message in socket.recv(&mut buffer[..]).map_err(NftError::Batch)? {
-            let message = message.map_err(NftError::Batch)?;
-            let seq = seqs
-                .next()
-                .ok_or_else(|| NftError::Batch(io::Error::other("unexpected netlink ACK")))?;
-            mnl::cb_run(message, seq, portid).map_err(NftError::Batch)?;
+    loop {
+        let n = socket.recv_raw(&mut buffer[..]).map_err(NftError::Batch)?;
+        for (seq, error) in errors(&buffer[..n]) {
+            if error != 0 {
+                return Err(NftError::Batch(io::Error::from_raw_os_error(-error)));
+            }
+            if seq == last_seq {
+                return Ok(());
+            }
         }
     }
-    Ok(())
+}
+
+const NLMSG_HDRLEN: usize = 16;
+
+/// Clears NLM_F_ACK on every message but the last and returns the last one's sequence number.
+fn ack_only_last(buf: &mut [u8]) -> Option<u32> {
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        offsets.push(off);
+        off += (len + 3) & !3;
+    }
+    let (&last, rest) = offsets.split_last()?;
+    for &o in rest {
+        let flags = u16::from_ne_bytes([buf[o + 6], buf[o + 7]]) & !(libc::NLM_F_ACK as u16);
+        buf[o + 6..o + 8].copy_from_slice(&flags.to_ne_bytes());
+    }
+    Some(u32::from_ne_bytes(
+        buf[last + 8..last + 12].try_into().ok()?,
+    ))
+}
+
+/// (sequence number, error) of every NLMSG_ERROR message in a reply; error 0 is an ACK.
+fn errors(buf: &[u8]) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN + 4 <= buf.len() {
+        let word = |at: usize| [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
+        let len = u32::from_ne_bytes(word(off)) as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        if kind == libc::NLMSG_ERROR as u16 {
+            out.push((
+                u32::from_ne_bytes(word(off + 8)),
+                i32::from_ne_bytes(word(off + NLMSG_HDRLEN)),
+            ));
+        }
+        off += (len + 3) & !3;
+    }
+    out
 }
 
 /// Runs one nf_tables dump request for the `inet` family and feeds every reply message to
@@ -278,4 +333,49 @@ fn dump_request(msg: u16, seq: u32) -> Vec<u8> {
     out.push(0); // version: NFNETLINK_V0
     out.extend_from_slice(&0u16.to_be_bytes()); // res_id
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u32, kind: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        let mut m = Vec::new();
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(payload);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    #[test]
+    fn only_the_last_message_keeps_its_ack_flag() {
+        let ack = libc::NLM_F_ACK as u16;
+        let mut buf = [
+            msg(7, 16, ack, &[1, 2, 3]),
+            msg(8, 0xa00, ack | 1, &[]),
+            msg(9, 17, ack, &[0; 4]),
+        ]
+        .concat();
+        assert_eq!(ack_only_last(&mut buf), Some(9));
+        let flags: Vec<u16> = [0, 20, 36]
+            .iter()
+            .map(|&o| u16::from_ne_bytes([buf[o + 6], buf[o + 7]]))
+            .collect();
+        assert_eq!(flags, vec![0, 1, ack]);
+        assert_eq!(ack_only_last(&mut []), None);
+    }
+
+    #[test]
+    fn errors_and_acks_are_read_with_their_sequence_numbers() {
+        let err = |seq, e: i32| msg(seq, libc::NLMSG_ERROR as u16, 0, &e.to_ne_bytes());
+        let buf = [err(4, -libc::EEXIST), msg(5, 16, 0, &[]), err(9, 0)].concat();
+        assert_eq!(errors(&buf), vec![(4, -libc::EEXIST), (9, 0)]);
+    }
 }
