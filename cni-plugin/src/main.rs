@@ -9,6 +9,7 @@ mod error;
 
 use std::io::{Read, Write};
 
+use sluice_proto::annotations as keys;
 use sluice_proto::v1::{
     AttachRequest, CheckRequest, DetachRequest, ListRequest, PodRef, StatusRequest,
 };
@@ -16,15 +17,17 @@ use sluice_proto::v1::{
 use crate::conf::{Env, LATEST_VERSION, NetConf, SUPPORTED_VERSIONS};
 use crate::error::*;
 
-/// The annotation that opts a pod in; only `disabled` (or its absence) skips the agent, so a
-/// typo in the value is rejected by the agent instead of silently leaving a pod uncaptured.
-const REDIRECT_ANNOTATION: &str = "sluice.dev/redirect";
-
+/// Whether the agent must see this pod: `sluice.dev/redirect` with any value but `disabled`
+/// (a typo in the value is then rejected by the agent instead of silently leaving the pod
+/// uncaptured), or a mesh injector's annotation while not explicitly disabled. Every other pod
+/// passes through without a call.
 fn wants_capture(conf: &NetConf) -> bool {
-    conf.runtime_config
-        .pod_annotations
-        .get(REDIRECT_ANNOTATION)
-        .is_some_and(|v| v != "disabled")
+    let ann = &conf.runtime_config.pod_annotations;
+    match ann.get(keys::REDIRECT).map(String::as_str) {
+        Some("disabled") => false,
+        Some(_) => true,
+        None => keys::PROFILE_TRIGGERS.iter().any(|k| ann.contains_key(*k)),
+    }
 }
 
 fn pod(env: &Env) -> Option<PodRef> {

@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub proxy_uid: Option<u32>,
     pub proxy_gid: Option<u32>,
     pub exclude_inbound_ports: Option<Vec<u16>>,
+    /// Mesh profiles to read annotations of (default: all): "istio", "linkerd".
+    pub profiles: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("config {path:?}: {message}")]
+    Invalid { path: PathBuf, message: String },
     #[error("parsing config {path:?}: {source}")]
     Parse {
         path: PathBuf,
@@ -80,10 +84,22 @@ impl FileConfig {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let file: FileConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.into(),
             source: Box::new(source),
-        })
+        })?;
+        if let Some(unknown) = file
+            .profiles
+            .iter()
+            .flatten()
+            .find(|p| !["istio", "linkerd"].contains(&p.as_str()))
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: format!("unknown profile {unknown:?} (known: istio, linkerd)"),
+            });
+        }
+        Ok(file)
     }
 
     /// Applies the file's keys over `cfg`.
@@ -107,6 +123,10 @@ impl FileConfig {
         p.proxy_gid = self.proxy_gid.unwrap_or(p.proxy_gid);
         if let Some(v) = self.exclude_inbound_ports {
             p.exclude_inbound_ports = v;
+        }
+        if let Some(v) = self.profiles {
+            p.istio = v.iter().any(|s| s == "istio");
+            p.linkerd = v.iter().any(|s| s == "linkerd");
         }
     }
 }

@@ -124,12 +124,8 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
         match m {
             Match::Ipv4 => deps.need_ipv4(&mut r),
             Match::L4Proto(l4) => deps.need_l4(&mut r, *l4),
-            Match::OifName(op, name) => {
-                let mut ifname = [0u8; libc::IFNAMSIZ];
-                ifname[..name.len()].copy_from_slice(name.as_bytes());
-                r.add_expr(&Meta::OifName);
-                r.add_expr(&Cmp::new(cmp_op(*op), &ifname[..]));
-            }
+            Match::IifName(op, name) => ifname(&mut r, Meta::IifName, *op, name),
+            Match::OifName(op, name) => ifname(&mut r, Meta::OifName, *op, name),
             // Meta uid/gid are host byte order; the kernel compares the raw u32.
             Match::SkUid(op, id) => {
                 r.add_expr(&Meta::SkUid);
@@ -164,6 +160,15 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
         }
     }
     r
+}
+
+/// Interface names compare as the kernel's zero-padded IFNAMSIZ buffer.
+fn ifname(r: &mut nftnl::Rule<'_>, key: Meta, op: Op, name: &str) {
+    let mut buf = [0u8; libc::IFNAMSIZ];
+    let n = name.len().min(libc::IFNAMSIZ - 1);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    r.add_expr(&key);
+    r.add_expr(&Cmp::new(cmp_op(op), &buf[..]));
 }
 
 fn addr(r: &mut nftnl::Rule<'_>, deps: &mut Deps, field: Ipv4HeaderField, op: Op, net: &IpNet) {

@@ -1,17 +1,17 @@
-//! The native `sluice.dev/*` annotations and the value grammar they share.
+//! The native `sluice.dev/*` annotations, and the value grammar every profile shares.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use ipnet::IpNet;
 
-use super::{CaptureMode, Cidrs, Decision, PlanDefaults, PlanError, Ports, Profile, RedirectPlan};
+use super::{CaptureMode, Cidrs, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
 
 /// Every native annotation starts with this.
 pub const ANNOTATION_PREFIX: &str = "sluice.dev/";
 
 /// Opt-in switch: `enabled` or `disabled`.
-pub const REDIRECT: &str = "sluice.dev/redirect";
+pub const REDIRECT: &str = sluice_proto::annotations::REDIRECT;
 const OUTBOUND_PORT: &str = "sluice.dev/outbound-port";
 const INBOUND_PORT: &str = "sluice.dev/inbound-port";
 const PROXY_UID: &str = "sluice.dev/proxy-uid";
@@ -21,6 +21,7 @@ const EXCLUDE_INBOUND_PORTS: &str = "sluice.dev/exclude-inbound-ports";
 const EXCLUDE_OUTBOUND_PORTS: &str = "sluice.dev/exclude-outbound-ports";
 const INCLUDE_OUTBOUND_CIDRS: &str = "sluice.dev/include-outbound-cidrs";
 const EXCLUDE_OUTBOUND_CIDRS: &str = "sluice.dev/exclude-outbound-cidrs";
+const EXCLUDE_INTERFACES: &str = "sluice.dev/exclude-interfaces";
 
 /// All native annotation keys this agent understands.
 pub fn native_keys() -> &'static [&'static str] {
@@ -35,62 +36,87 @@ pub fn native_keys() -> &'static [&'static str] {
         EXCLUDE_OUTBOUND_PORTS,
         INCLUDE_OUTBOUND_CIDRS,
         EXCLUDE_OUTBOUND_CIDRS,
+        EXCLUDE_INTERFACES,
     ]
 }
 
-/// Plans from `sluice.dev/*`. An unknown `sluice.dev/` key is an error rather than being
-/// ignored: a typo must not silently leave a pod with a capture it did not ask for.
-pub(super) fn native(
-    ann: &BTreeMap<String, String>,
-    defaults: &PlanDefaults,
-) -> Result<Decision, PlanError> {
+/// `Some(true)` enabled, `Some(false)` disabled, `None` absent; anything else is an error.
+pub(super) fn redirect(ann: &BTreeMap<String, String>) -> Result<Option<bool>, PlanError> {
     match ann.get(REDIRECT).map(String::as_str) {
-        None => {
-            return Ok(Decision::Skip {
-                reason: format!("no {REDIRECT} annotation"),
-            });
-        }
-        Some("enabled") => {}
-        Some("disabled") => {
-            return Ok(Decision::Skip {
-                reason: format!("{REDIRECT} is disabled"),
-            });
-        }
-        Some(other) => return Err(invalid(REDIRECT, other, "expected enabled or disabled")),
+        None => Ok(None),
+        Some("enabled") => Ok(Some(true)),
+        Some("disabled") => Ok(Some(false)),
+        Some(other) => Err(invalid(REDIRECT, other, "expected enabled or disabled")),
     }
+}
+
+/// The native plan before overrides: Istio's sidecar capture with the node's defaults.
+pub(super) fn native_defaults(d: &PlanDefaults) -> RedirectPlan {
+    RedirectPlan {
+        mode: CaptureMode::Redirect,
+        outbound_port: d.outbound_port,
+        inbound_port: d.inbound_port,
+        proxy_uid: d.proxy_uid,
+        proxy_gid: Some(d.proxy_gid),
+        include_inbound_ports: Ports::All,
+        exclude_inbound_ports: d.exclude_inbound_ports.clone(),
+        exclude_inbound_sources: Vec::new(),
+        exclude_outbound_ports: Vec::new(),
+        include_outbound_ports: Vec::new(),
+        include_outbound_cidrs: Cidrs::All,
+        exclude_outbound_cidrs: Vec::new(),
+        exclude_interfaces: Vec::new(),
+        loopback: Loopback::istio(),
+    }
+}
+
+/// Applies every `sluice.dev/*` annotation present over `plan`. An unknown `sluice.dev/` key
+/// is an error rather than being ignored: a typo must not silently leave a pod with a capture
+/// it did not ask for.
+pub(super) fn apply_overrides(
+    ann: &BTreeMap<String, String>,
+    plan: &mut RedirectPlan,
+) -> Result<(), PlanError> {
     if let Some((key, value)) = ann
         .iter()
         .find(|(k, _)| k.starts_with(ANNOTATION_PREFIX) && !native_keys().contains(&k.as_str()))
     {
         return Err(invalid(key, value, "unknown sluice.dev annotation"));
     }
-
-    let plan = RedirectPlan {
-        mode: CaptureMode::Redirect,
-        outbound_port: get(ann, OUTBOUND_PORT, port)?.unwrap_or(defaults.outbound_port),
-        inbound_port: get(ann, INBOUND_PORT, port)?.unwrap_or(defaults.inbound_port),
-        proxy_uid: get(ann, PROXY_UID, id)?.unwrap_or(defaults.proxy_uid),
-        proxy_gid: get(ann, PROXY_GID, id)?.unwrap_or(defaults.proxy_gid),
-        include_inbound_ports: get(ann, INCLUDE_INBOUND_PORTS, |v| star_or(v, port))?
-            .map_or(Ports::All, |p| p.map_or(Ports::All, Ports::Only)),
-        exclude_inbound_ports: get(ann, EXCLUDE_INBOUND_PORTS, |v| list(v, port))?
-            .unwrap_or_else(|| defaults.exclude_inbound_ports.clone()),
-        exclude_outbound_ports: get(ann, EXCLUDE_OUTBOUND_PORTS, |v| list(v, port))?
-            .unwrap_or_default(),
-        include_outbound_cidrs: get(ann, INCLUDE_OUTBOUND_CIDRS, |v| star_or(v, cidr))?
-            .map_or(Cidrs::All, |c| c.map_or(Cidrs::All, Cidrs::Only)),
-        exclude_outbound_cidrs: get(ann, EXCLUDE_OUTBOUND_CIDRS, |v| list(v, cidr))?
-            .unwrap_or_default(),
-        tunnel_port: 15008,
-        passthrough_source: std::net::Ipv4Addr::new(127, 0, 0, 6),
-    };
-    Ok(Decision::Capture {
-        plan,
-        profile: Profile::Native,
-    })
+    if let Some(v) = get(ann, OUTBOUND_PORT, port)? {
+        plan.outbound_port = v;
+    }
+    if let Some(v) = get(ann, INBOUND_PORT, port)? {
+        plan.inbound_port = v;
+    }
+    if let Some(v) = get(ann, PROXY_UID, id)? {
+        plan.proxy_uid = v;
+    }
+    if let Some(v) = get(ann, PROXY_GID, id)? {
+        plan.proxy_gid = Some(v);
+    }
+    if let Some(v) = get(ann, INCLUDE_INBOUND_PORTS, |v| star_or(v, port))? {
+        plan.include_inbound_ports = v.map_or(Ports::All, Ports::Only);
+    }
+    if let Some(v) = get(ann, EXCLUDE_INBOUND_PORTS, |v| list(v, port))? {
+        plan.exclude_inbound_ports = v;
+    }
+    if let Some(v) = get(ann, EXCLUDE_OUTBOUND_PORTS, |v| list(v, port))? {
+        plan.exclude_outbound_ports = v;
+    }
+    if let Some(v) = get(ann, INCLUDE_OUTBOUND_CIDRS, |v| star_or(v, cidr))? {
+        plan.include_outbound_cidrs = v.map_or(Cidrs::All, Cidrs::Only);
+    }
+    if let Some(v) = get(ann, EXCLUDE_OUTBOUND_CIDRS, |v| list(v, cidr))? {
+        plan.exclude_outbound_cidrs = v;
+    }
+    if let Some(v) = get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))? {
+        plan.exclude_interfaces = v;
+    }
+    Ok(())
 }
 
-fn invalid(annotation: &str, value: &str, reason: impl Into<String>) -> PlanError {
+pub(super) fn invalid(annotation: &str, value: &str, reason: impl Into<String>) -> PlanError {
     PlanError {
         annotation: annotation.to_owned(),
         value: value.to_owned(),
@@ -99,7 +125,7 @@ fn invalid(annotation: &str, value: &str, reason: impl Into<String>) -> PlanErro
 }
 
 /// Parses one annotation if present, attaching the key and value to any error.
-fn get<T>(
+pub(super) fn get<T>(
     ann: &BTreeMap<String, String>,
     key: &str,
     parse: impl Fn(&str) -> Result<T, String>,
@@ -109,18 +135,38 @@ fn get<T>(
         .transpose()
 }
 
-fn port(s: &str) -> Result<u16, String> {
+pub(super) fn port(s: &str) -> Result<u16, String> {
     match u16::from_str(s.trim()) {
         Ok(0) | Err(_) => Err(format!("{:?} is not a port (1-65535)", s.trim())),
         Ok(p) => Ok(p),
     }
 }
 
-fn id(s: &str) -> Result<u32, String> {
+/// Largest `a-b` port range expanded into single ports (Linkerd allows ranges).
+const MAX_RANGE: u16 = 256;
+
+/// A port or an inclusive range `a-b`, expanded.
+pub(super) fn ports_or_range(s: &str) -> Result<Vec<u16>, String> {
+    match s.trim().split_once('-') {
+        None => port(s).map(|p| vec![p]),
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a > b || b - a >= MAX_RANGE {
+                return Err(format!(
+                    "{:?} is not a range of at most {MAX_RANGE} ports",
+                    s.trim()
+                ));
+            }
+            Ok((a..=b).collect())
+        }
+    }
+}
+
+pub(super) fn id(s: &str) -> Result<u32, String> {
     u32::from_str(s.trim()).map_err(|_| format!("{:?} is not a numeric id", s.trim()))
 }
 
-fn cidr(s: &str) -> Result<IpNet, String> {
+pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     let net = IpNet::from_str(s)
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
@@ -128,9 +174,26 @@ fn cidr(s: &str) -> Result<IpNet, String> {
     Ok(net.trunc())
 }
 
+/// A Linux interface name (at most 15 bytes, no `/`, whitespace or NUL).
+pub(super) fn interface(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() < 16
+        && s != "."
+        && s != ".."
+        && !s
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not an interface name"))
+    }
+}
+
 /// A comma-separated list. The empty string is the empty list; an empty item (`80,,90`,
 /// `80,`) is an error because it is almost always a templating mistake.
-fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+pub(super) fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
     if s.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -146,7 +209,10 @@ fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, 
 }
 
 /// `*` (everything, `None`) or a list (`Some`, possibly empty: nothing).
-fn star_or<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Option<Vec<T>>, String> {
+pub(super) fn star_or<T>(
+    s: &str,
+    item: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<Vec<T>>, String> {
     if s.trim() == "*" {
         Ok(None)
     } else {

@@ -2,6 +2,8 @@
 //! a pod gets. No I/O happens here; rendering and applying live in `ruleset` and `nft`.
 
 mod annotations;
+mod istio;
+mod linkerd;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,6 +13,14 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 pub use annotations::{ANNOTATION_PREFIX, REDIRECT, native_keys};
+
+/// Every annotation key any profile reads (native, Istio, Linkerd), for docs and checks.
+pub fn all_annotation_keys() -> Vec<&'static str> {
+    let mut keys = native_keys().to_vec();
+    keys.extend_from_slice(istio::keys());
+    keys.extend_from_slice(linkerd::keys());
+    keys
+}
 
 /// An annotation whose value cannot be used. Nothing is applied when planning fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,23 +65,52 @@ pub struct RedirectPlan {
     pub inbound_port: u16,
     /// Traffic from this uid is the proxy's own and is not redirected.
     pub proxy_uid: u32,
-    /// Traffic from this gid is the proxy's own and is not redirected.
-    pub proxy_gid: u32,
+    /// Traffic from this gid is the proxy's own and is not redirected (Linkerd sets none).
+    pub proxy_gid: Option<u32>,
     /// Inbound destination ports that are redirected.
     pub include_inbound_ports: Ports,
     /// Inbound destination ports that reach the app directly (the proxy's own ports).
     pub exclude_inbound_ports: Vec<u16>,
+    /// Inbound sources that reach the app directly (Linkerd's skip-subnets).
+    pub exclude_inbound_sources: Vec<IpNet>,
     /// Outbound destination ports that are never redirected.
     pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound TCP ports redirected whatever the destination (Istio includeOutboundPorts).
+    pub include_outbound_ports: Vec<u16>,
     /// Outbound destinations that are redirected.
     pub include_outbound_cidrs: Cidrs,
     /// Outbound destinations that are never redirected.
     pub exclude_outbound_cidrs: Vec<IpNet>,
-    /// The proxy's mTLS tunnel port: the proxy's own connections over `lo` to it are not
-    /// looped back into the inbound port (Istio HBONE, 15008).
-    pub tunnel_port: u16,
-    /// Source address the proxy uses over `lo` for inbound passthrough (Istio: 127.0.0.6).
-    pub passthrough_source: Ipv4Addr,
+    /// Traffic in or out of these interfaces is left alone.
+    pub exclude_interfaces: Vec<String>,
+    /// What happens to traffic over `lo`.
+    pub loopback: Loopback,
+}
+
+/// Loopback handling, where Istio and Linkerd differ.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Loopback {
+    /// Istio: the proxy calling its own pod over `lo` (not 127.0.0.1, not the tunnel port) is
+    /// looped to the inbound port; the passthrough source over `lo` is left alone; other
+    /// users' `lo` traffic is left alone unless the include CIDRs name a loopback address.
+    Istio {
+        /// The proxy's mTLS tunnel port (HBONE, 15008).
+        tunnel_port: u16,
+        /// Source the proxy uses over `lo` for inbound passthrough (127.0.0.6).
+        passthrough_source: Ipv4Addr,
+    },
+    /// Linkerd: all egress over `lo` is left alone.
+    IgnoreAll,
+}
+
+impl Loopback {
+    /// Istio's values.
+    pub fn istio() -> Self {
+        Loopback::Istio {
+            tunnel_port: 15008,
+            passthrough_source: Ipv4Addr::new(127, 0, 0, 6),
+        }
+    }
 }
 
 impl RedirectPlan {
@@ -86,11 +125,16 @@ impl RedirectPlan {
 /// Node-level settings that shape every plan (agent configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanDefaults {
+    /// Defaults of the native `sluice.dev/*` plan.
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub proxy_uid: u32,
     pub proxy_gid: u32,
     pub exclude_inbound_ports: Vec<u16>,
+    /// Read Istio's annotations (pods with `sidecar.istio.io/status`).
+    pub istio: bool,
+    /// Read Linkerd's annotations (pods with `linkerd.io/proxy-version`).
+    pub linkerd: bool,
 }
 
 impl Default for PlanDefaults {
@@ -101,6 +145,8 @@ impl Default for PlanDefaults {
             proxy_uid: 1337,
             proxy_gid: 1337,
             exclude_inbound_ports: vec![15008, 15020, 15021, 15090],
+            istio: true,
+            linkerd: true,
         }
     }
 }
@@ -110,12 +156,18 @@ impl Default for PlanDefaults {
 pub enum Profile {
     /// `sluice.dev/*` annotations.
     Native,
+    /// Istio's sidecar annotations (`sidecar.istio.io/*`, `traffic.sidecar.istio.io/*`).
+    Istio,
+    /// Linkerd's proxy annotations (`linkerd.io/*`, `config.linkerd.io/*`).
+    Linkerd,
 }
 
 impl fmt::Display for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Profile::Native => "native",
+            Profile::Istio => "istio",
+            Profile::Linkerd => "linkerd",
         })
     }
 }
@@ -133,11 +185,52 @@ pub enum Decision {
 }
 
 /// Decides a pod's capture from its annotations. Pure: same input, same output.
+///
+/// `sluice.dev/redirect: disabled` always skips. Otherwise a pod injected by a mesh whose
+/// profile is enabled gets that mesh's plan, and a pod with `sluice.dev/redirect: enabled`
+/// gets the native defaults; in both cases every other `sluice.dev/*` annotation present
+/// overrides the corresponding field (native annotations win over profile annotations).
 pub fn decide(
     annotations: &BTreeMap<String, String>,
     defaults: &PlanDefaults,
 ) -> Result<Decision, PlanError> {
-    annotations::native(annotations, defaults)
+    let opted_in = match annotations::redirect(annotations)? {
+        Some(false) => {
+            return Ok(Decision::Skip {
+                reason: format!("{REDIRECT} is disabled"),
+            });
+        }
+        Some(true) => true,
+        None => false,
+    };
+    let base = if istio::injected(annotations) {
+        if !defaults.istio {
+            return Ok(Decision::Skip {
+                reason: "istio profile is disabled in the agent configuration".into(),
+            });
+        }
+        istio::plan(annotations)?.map(|p| (p, Profile::Istio))
+    } else if linkerd::injected(annotations) {
+        if !defaults.linkerd {
+            return Ok(Decision::Skip {
+                reason: "linkerd profile is disabled in the agent configuration".into(),
+            });
+        }
+        Some((linkerd::plan(annotations)?, Profile::Linkerd))
+    } else if opted_in {
+        Some((annotations::native_defaults(defaults), Profile::Native))
+    } else {
+        return Ok(Decision::Skip {
+            reason: format!("no {REDIRECT} annotation and no enabled mesh profile matches"),
+        });
+    };
+    let Some((mut plan, profile)) = base else {
+        return Ok(Decision::Skip {
+            reason: "the mesh's interception mode is NONE".into(),
+        });
+    };
+    annotations::apply_overrides(annotations, &mut plan)?;
+    Ok(Decision::Capture { plan, profile })
 }
 
 #[cfg(test)]

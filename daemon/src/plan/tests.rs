@@ -48,7 +48,7 @@ fn defaults_mirror_istio() {
     let p = plan(&[]);
     assert_eq!(
         (p.outbound_port, p.inbound_port, p.proxy_uid, p.proxy_gid),
-        (15001, 15006, 1337, 1337)
+        (15001, 15006, 1337, Some(1337))
     );
     assert_eq!(p.include_inbound_ports, Ports::All);
     assert_eq!(p.exclude_inbound_ports, vec![15008, 15020, 15021, 15090]);
@@ -75,7 +75,7 @@ fn every_annotation_is_honoured() {
     ]);
     assert_eq!(
         (p.outbound_port, p.inbound_port, p.proxy_uid, p.proxy_gid),
-        (4140, 4143, 2102, 2103)
+        (4140, 4143, 2102, Some(2103))
     );
     assert_eq!(p.include_inbound_ports, Ports::Only(vec![80, 443]));
     assert_eq!(p.exclude_inbound_ports, vec![4190, 4191]);
@@ -152,4 +152,152 @@ fn other_annotations_are_ignored_and_fingerprints_are_stable() {
         plan(&[("sluice.dev/outbound-port", "15002")]).fingerprint()
     );
     assert_eq!(a.fingerprint().len(), 16);
+}
+
+fn decide_with(pairs: &[(&str, &str)], defaults: &PlanDefaults) -> Decision {
+    decide(&ann(pairs), defaults).expect("valid annotations")
+}
+
+const ISTIO: (&str, &str) = (
+    "sidecar.istio.io/status",
+    r#"{"initContainers":null,"containers":["istio-proxy"]}"#,
+);
+const LINKERD: (&str, &str) = ("linkerd.io/proxy-version", "stable-2.14.10");
+
+#[test]
+fn istio_pods_get_istio_cni_defaults() {
+    let Decision::Capture { plan: p, profile } = decide_with(&[ISTIO], &PlanDefaults::default())
+    else {
+        panic!("istio pod is captured")
+    };
+    assert_eq!(profile, Profile::Istio);
+    assert_eq!(p.exclude_inbound_ports, vec![15008, 15020, 15021, 15090]);
+    assert_eq!(p.exclude_outbound_ports, vec![15020]);
+    assert_eq!(
+        (p.outbound_port, p.inbound_port, p.proxy_uid, p.proxy_gid),
+        (15001, 15006, 1337, Some(1337))
+    );
+}
+
+#[test]
+fn istio_annotations_keep_istios_meaning() {
+    let Decision::Capture { plan: p, .. } = decide_with(
+        &[
+            ISTIO,
+            ("traffic.sidecar.istio.io/excludeInboundPorts", "8081"),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "5555,6666"),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "127.0.0.0/8",
+            ),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.0.0.0/8",
+            ),
+            ("traffic.sidecar.istio.io/includeOutboundPorts", "3306"),
+            ("traffic.sidecar.istio.io/excludeInterfaces", "eth1"),
+            ("traffic.sidecar.istio.io/includeInboundPorts", ""),
+        ],
+        &PlanDefaults::default(),
+    ) else {
+        panic!("captured")
+    };
+    // Tunnel first, the pod's exclusions, then the proxy ports istio-cni always appends.
+    assert_eq!(
+        p.exclude_inbound_ports,
+        vec![15008, 8081, 15020, 15021, 15090]
+    );
+    // excludeOutboundPorts replaces the 15020 default.
+    assert_eq!(p.exclude_outbound_ports, vec![5555, 6666]);
+    assert_eq!(
+        p.include_outbound_cidrs,
+        Cidrs::Only(vec!["127.0.0.0/8".parse().expect("net")])
+    );
+    assert_eq!(p.include_inbound_ports, Ports::Only(vec![]));
+    assert_eq!(p.include_outbound_ports, vec![3306]);
+    assert_eq!(p.exclude_interfaces, vec!["eth1".to_owned()]);
+}
+
+#[test]
+fn istio_interception_modes() {
+    assert!(matches!(
+        decide_with(
+            &[ISTIO, ("sidecar.istio.io/interceptionMode", "NONE")],
+            &PlanDefaults::default()
+        ),
+        Decision::Skip { .. }
+    ));
+    let e = error(&[ISTIO, ("sidecar.istio.io/interceptionMode", "BOGUS")]);
+    assert_eq!(e.annotation, "sidecar.istio.io/interceptionMode");
+}
+
+#[test]
+fn linkerd_pods_get_proxy_init_defaults_and_skip_annotations() {
+    let Decision::Capture { plan: p, profile } = decide_with(
+        &[
+            LINKERD,
+            ("config.linkerd.io/skip-outbound-ports", "3306,4567-4569"),
+            ("config.linkerd.io/skip-inbound-ports", "8081"),
+            ("config.linkerd.io/skip-subnets", "10.98.0.0/16"),
+            ("config.linkerd.io/proxy-uid", "2103"),
+        ],
+        &PlanDefaults::default(),
+    ) else {
+        panic!("linkerd pod is captured")
+    };
+    assert_eq!(profile, Profile::Linkerd);
+    assert_eq!(
+        (p.outbound_port, p.inbound_port, p.proxy_uid, p.proxy_gid),
+        (4140, 4143, 2103, None)
+    );
+    assert_eq!(p.loopback, Loopback::IgnoreAll);
+    assert_eq!(p.exclude_inbound_ports, vec![4190, 4191, 8081]);
+    assert_eq!(p.exclude_outbound_ports, vec![3306, 4567, 4568, 4569]);
+    assert_eq!(
+        p.exclude_inbound_sources,
+        vec!["10.98.0.0/16".parse().expect("net")]
+    );
+    assert_eq!(
+        error(&[LINKERD, ("config.linkerd.io/skip-outbound-ports", "9-1")]).annotation,
+        "config.linkerd.io/skip-outbound-ports"
+    );
+}
+
+#[test]
+fn native_annotations_win_and_disabled_profiles_skip() {
+    let Decision::Capture { plan: p, profile } = decide_with(
+        &[ISTIO, ("sluice.dev/outbound-port", "15111")],
+        &PlanDefaults::default(),
+    ) else {
+        panic!("captured")
+    };
+    assert_eq!(
+        (profile, p.outbound_port, p.exclude_outbound_ports.clone()),
+        (Profile::Istio, 15111, vec![15020])
+    );
+    assert!(matches!(
+        decide_with(
+            &[ISTIO, ("sluice.dev/redirect", "disabled")],
+            &PlanDefaults::default()
+        ),
+        Decision::Skip { .. }
+    ));
+    let no_istio = PlanDefaults {
+        istio: false,
+        ..PlanDefaults::default()
+    };
+    match decide_with(&[ISTIO], &no_istio) {
+        Decision::Skip { reason } => {
+            assert!(reason.contains("istio profile is disabled"), "{reason}")
+        }
+        other => panic!("expected skip, got {other:?}"),
+    }
+    let no_linkerd = PlanDefaults {
+        linkerd: false,
+        ..PlanDefaults::default()
+    };
+    assert!(matches!(
+        decide_with(&[LINKERD], &no_linkerd),
+        Decision::Skip { .. }
+    ));
 }

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
-use crate::plan::{CaptureMode, Cidrs, Ports, RedirectPlan};
+use crate::plan::{CaptureMode, Cidrs, Loopback, Ports, RedirectPlan};
 
 /// Name of sluice's table in every pod netns (family `inet`).
 pub const TABLE: &str = "sluice";
@@ -103,6 +103,8 @@ pub enum Match {
     Ipv4,
     /// `meta l4proto tcp`.
     L4Proto(L4),
+    /// `iifname "eth1"`.
+    IifName(Op, String),
     /// `oifname "lo"`.
     OifName(Op, String),
     /// `meta skuid 1337`.
@@ -167,10 +169,20 @@ const INBOUND: &str = "inbound";
 const OUTBOUND: &str = "outbound";
 
 impl Ruleset {
-    /// Lowers a plan. Rule order follows Istio's `ISTIO_INBOUND`/`ISTIO_OUTPUT` chains so that
-    /// first-match semantics are identical.
+    /// Lowers a plan. Rule order follows the mesh's own chains (Istio's `ISTIO_INBOUND` /
+    /// `ISTIO_OUTPUT`, Linkerd's `PROXY_INIT_*`) so that first-match semantics are identical.
     pub fn from_plan(plan: &RedirectPlan, owner: Owner) -> Self {
         let CaptureMode::Redirect = plan.mode;
+        let skip_if = |m: fn(Op, String) -> Match| -> Vec<Rule> {
+            plan.exclude_interfaces
+                .iter()
+                .map(|i| rule([m(Op::Eq, i.clone())], Verdict::Return))
+                .collect()
+        };
+        let mut prerouting = skip_if(Match::IifName);
+        prerouting.push(rule([Match::Ipv4], Verdict::Jump(INBOUND)));
+        let mut output = skip_if(Match::OifName);
+        output.push(rule([Match::Ipv4], Verdict::Jump(OUTBOUND)));
         let chains = vec![
             Chain {
                 name: "prerouting",
@@ -178,7 +190,7 @@ impl Ruleset {
                     hook: Hook::Prerouting,
                     priority: PRIORITY_DSTNAT,
                 }),
-                rules: vec![rule([Match::Ipv4], Verdict::Jump(INBOUND))],
+                rules: prerouting,
             },
             Chain {
                 name: "output",
@@ -186,7 +198,7 @@ impl Ruleset {
                     hook: Hook::Output,
                     priority: PRIORITY_DSTNAT,
                 }),
-                rules: vec![rule([Match::Ipv4], Verdict::Jump(OUTBOUND))],
+                rules: output,
             },
             Chain {
                 name: INBOUND,
@@ -228,67 +240,114 @@ fn host(addr: Ipv4Addr) -> IpNet {
     IpNet::from(IpAddr::V4(addr))
 }
 
-/// Inbound (PREROUTING): the proxy's own ports go to the app, the rest to the inbound port.
+/// Inbound (PREROUTING): skipped sources and the proxy's own ports reach the app, the rest
+/// goes to the inbound port. With an explicit port list only those ports are redirected (the
+/// exclusions then do not apply, as in Istio), except that Istio's tunnel port always passes.
 fn inbound(plan: &RedirectPlan) -> Vec<Rule> {
     let mut rules: Vec<Rule> = plan
-        .exclude_inbound_ports
+        .exclude_inbound_sources
         .iter()
-        .map(|&p| rule([Match::Dport(L4::Tcp, Op::Eq, p)], Verdict::Return))
+        .filter(|n| is_v4(n))
+        .map(|&n| rule([Match::Saddr(Op::Eq, n)], Verdict::Return))
         .collect();
     let to_inbound = Verdict::Redirect(plan.inbound_port);
     match &plan.include_inbound_ports {
-        Ports::All => rules.push(rule([Match::L4Proto(L4::Tcp)], to_inbound)),
-        Ports::Only(ports) => rules.extend(
-            ports
-                .iter()
-                .map(|&p| rule([Match::Dport(L4::Tcp, Op::Eq, p)], to_inbound.clone())),
-        ),
+        Ports::All => {
+            rules.extend(
+                plan.exclude_inbound_ports
+                    .iter()
+                    .map(|&p| rule([Match::Dport(L4::Tcp, Op::Eq, p)], Verdict::Return)),
+            );
+            rules.push(rule([Match::L4Proto(L4::Tcp)], to_inbound));
+        }
+        Ports::Only(ports) => {
+            if let Loopback::Istio { tunnel_port, .. } = plan.loopback {
+                rules.push(rule(
+                    [Match::Dport(L4::Tcp, Op::Eq, tunnel_port)],
+                    Verdict::Return,
+                ));
+            }
+            rules.extend(
+                ports
+                    .iter()
+                    .map(|&p| rule([Match::Dport(L4::Tcp, Op::Eq, p)], to_inbound.clone())),
+            );
+        }
     }
     rules
 }
 
-/// Outbound (OUTPUT), in Istio's order: excluded ports, the proxy's passthrough source,
-/// the proxy calling its own pod over lo (looped to inbound), lo traffic of other users,
-/// the proxy's own traffic, 127.0.0.1, excluded CIDRs, then redirect.
+/// Outbound (OUTPUT). Istio's order: excluded ports, the passthrough source, then per proxy
+/// owner (uid, gid): the proxy calling its own pod over lo is looped to inbound, lo traffic of
+/// other users returns (unless the include CIDRs name loopback), the proxy's own traffic
+/// returns; then 127.0.0.1, excluded CIDRs, included ports, included CIDRs. Linkerd's: the
+/// proxy uid (and gid if set), all of lo, excluded ports, then redirect.
 fn outbound(plan: &RedirectPlan) -> Vec<Rule> {
     let lo = || Match::OifName(Op::Eq, "lo".to_owned());
     let localhost = host(Ipv4Addr::LOCALHOST);
-    let mut rules = Vec::new();
-    for &p in &plan.exclude_outbound_ports {
-        rules.push(rule([Match::Dport(L4::Tcp, Op::Eq, p)], Verdict::Return));
-        rules.push(rule([Match::Dport(L4::Udp, Op::Eq, p)], Verdict::Return));
-    }
-    rules.push(rule(
-        [lo(), Match::Saddr(Op::Eq, host(plan.passthrough_source))],
-        Verdict::Return,
-    ));
-    let owners = [
+    let owners: Vec<(Match, Match)> = std::iter::once((
         Match::SkUid(Op::Eq, plan.proxy_uid),
-        Match::SkGid(Op::Eq, plan.proxy_gid),
-    ];
-    for owner in owners {
-        let not_owner = match owner {
-            Match::SkUid(_, id) => Match::SkUid(Op::Ne, id),
-            Match::SkGid(_, id) => Match::SkGid(Op::Ne, id),
-            _ => unreachable!("owners holds only skuid/skgid"),
-        };
-        rules.push(rule(
-            [
-                lo(),
-                Match::Daddr(Op::Ne, localhost),
-                Match::Dport(L4::Tcp, Op::Ne, plan.tunnel_port),
-                owner.clone(),
-            ],
-            Verdict::Redirect(plan.inbound_port),
-        ));
-        rules.push(rule([lo(), not_owner], Verdict::Return));
-        rules.push(rule([owner], Verdict::Return));
+        Match::SkUid(Op::Ne, plan.proxy_uid),
+    ))
+    .chain(
+        plan.proxy_gid
+            .map(|g| (Match::SkGid(Op::Eq, g), Match::SkGid(Op::Ne, g))),
+    )
+    .collect();
+    let mut rules = Vec::new();
+    let excluded_ports = plan.exclude_outbound_ports.iter().flat_map(|&p| {
+        [
+            rule([Match::Dport(L4::Tcp, Op::Eq, p)], Verdict::Return),
+            rule([Match::Dport(L4::Udp, Op::Eq, p)], Verdict::Return),
+        ]
+    });
+    match plan.loopback {
+        Loopback::Istio {
+            tunnel_port,
+            passthrough_source,
+        } => {
+            rules.extend(excluded_ports);
+            rules.push(rule(
+                [lo(), Match::Saddr(Op::Eq, host(passthrough_source))],
+                Verdict::Return,
+            ));
+            let keep_lo_return = !includes_loopback(&plan.include_outbound_cidrs);
+            for (owner, not_owner) in owners {
+                rules.push(rule(
+                    [
+                        lo(),
+                        Match::Daddr(Op::Ne, localhost),
+                        Match::Dport(L4::Tcp, Op::Ne, tunnel_port),
+                        owner.clone(),
+                    ],
+                    Verdict::Redirect(plan.inbound_port),
+                ));
+                if keep_lo_return {
+                    rules.push(rule([lo(), not_owner], Verdict::Return));
+                }
+                rules.push(rule([owner], Verdict::Return));
+            }
+            rules.push(rule([Match::Daddr(Op::Eq, localhost)], Verdict::Return));
+        }
+        Loopback::IgnoreAll => {
+            rules.extend(
+                owners
+                    .into_iter()
+                    .map(|(owner, _)| rule([owner], Verdict::Return)),
+            );
+            rules.push(rule([lo()], Verdict::Return));
+            rules.extend(excluded_ports);
+        }
     }
-    rules.push(rule([Match::Daddr(Op::Eq, localhost)], Verdict::Return));
     for net in plan.exclude_outbound_cidrs.iter().filter(|n| is_v4(n)) {
         rules.push(rule([Match::Daddr(Op::Eq, *net)], Verdict::Return));
     }
     let to_outbound = Verdict::Redirect(plan.outbound_port);
+    rules.extend(
+        plan.include_outbound_ports
+            .iter()
+            .map(|&p| rule([Match::Dport(L4::Tcp, Op::Eq, p)], to_outbound.clone())),
+    );
     match &plan.include_outbound_cidrs {
         Cidrs::All => rules.push(rule([Match::L4Proto(L4::Tcp)], to_outbound)),
         Cidrs::Only(nets) => rules.extend(nets.iter().filter(|n| is_v4(n)).map(|net| {
@@ -299,6 +358,17 @@ fn outbound(plan: &RedirectPlan) -> Vec<Rule> {
         })),
     }
     rules
+}
+
+/// Istio drops the "lo traffic of other users returns" rule when the include ranges contain a
+/// loopback address: the user asked for loopback to be captured.
+fn includes_loopback(cidrs: &Cidrs) -> bool {
+    match cidrs {
+        Cidrs::All => false,
+        Cidrs::Only(nets) => nets
+            .iter()
+            .any(|n| n.addr().is_loopback() || n.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST))),
+    }
 }
 
 /// This slice captures IPv4 only; IPv6 entries in CIDR lists are accepted and kept in the

@@ -78,6 +78,7 @@ pub(super) fn rule(r: &Rule) -> String {
         .map(|m| match m {
             Match::Ipv4 => "meta nfproto ipv4".to_owned(),
             Match::L4Proto(l4) => format!("meta l4proto {}", l4.name()),
+            Match::IifName(o, name) => format!("iifname {}{name:?}", op(*o)),
             Match::OifName(o, name) => format!("oifname {}{name:?}", op(*o)),
             Match::SkUid(o, id) => format!("meta skuid {}{id}", op(*o)),
             Match::SkGid(o, id) => format!("meta skgid {}{id}", op(*o)),
