@@ -219,15 +219,42 @@ impl Drop for Listener {
 /// Connects from inside `ns` with the given fsuid/fsgid (what skuid/skgid match) and returns
 /// the line the accepting listener wrote, or the connect error.
 pub fn connect_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String> {
-    let to: SocketAddr = to.parse().expect("target address");
+    connect_from(ns, uid, gid, None, to)
+}
+
+/// Like [`connect_as`], binding the source address `src` first (e.g. 127.0.0.6).
+pub fn connect_from(
+    ns: &Netns,
+    uid: u32,
+    gid: u32,
+    src: Option<&str>,
+    to: &str,
+) -> Result<String, String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    let to: std::net::SocketAddrV4 = to.parse().expect("IPv4 target address");
+    let src: Option<std::net::SocketAddrV4> =
+        src.map(|s| format!("{s}:0").parse().expect("IPv4 source address"));
     ns.run(move || {
         nix::unistd::setfsgid(Gid::from_raw(gid));
         nix::unistd::setfsuid(Uid::from_raw(uid));
-        let stream =
-            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .map_err(|e| e.to_string())?;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let limit = nix::sys::time::TimeVal::new(3, 0);
+        // SO_SNDTIMEO also bounds a blocking connect(2) on Linux.
+        setsockopt(&fd, sockopt::SendTimeout, &limit).map_err(|e| e.to_string())?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &limit).map_err(|e| e.to_string())?;
+        if let Some(src) = src {
+            bind(fd.as_raw_fd(), &SockaddrIn::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
+        }
+        connect(fd.as_raw_fd(), &SockaddrIn::from(to)).map_err(|e| e.desc().to_owned())?;
+        let stream = TcpStream::from(fd);
         let mut line = String::new();
         BufReader::new(stream)
             .read_line(&mut line)
