@@ -47,6 +47,22 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     ("no-inbound", &[("sluice.dev/include-inbound-ports", "")]),
+    (
+        "istio-profile",
+        &[
+            ("sidecar.istio.io/status", "{}"),
+            ("traffic.sidecar.istio.io/excludeInterfaces", "eth1"),
+            ("traffic.sidecar.istio.io/includeOutboundPorts", "3306"),
+        ],
+    ),
+    (
+        "linkerd-profile",
+        &[
+            ("linkerd.io/proxy-version", "stable-2.14.10"),
+            ("config.linkerd.io/skip-subnets", "10.98.0.0/16"),
+            ("config.linkerd.io/skip-outbound-ports", "4567-4568"),
+        ],
+    ),
 ];
 
 fn annotations(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
