@@ -216,6 +216,68 @@ impl Drop for Listener {
     }
 }
 
+/// A UDP socket inside a netns that answers every datagram with its label. Stopped on drop.
+#[derive(Debug)]
+pub struct UdpListener {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpListener {
+    pub fn start(ns: &Netns, addr: &str, label: &str) -> Self {
+        let addr: SocketAddr = addr.parse().expect("listener address");
+        let socket = ns.run(move || {
+            std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))
+        });
+        // A short receive timeout lets the thread notice `stop` without a wake-up packet.
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("udp read timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let label = label.to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stopping.load(Ordering::SeqCst) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(label.as_bytes(), from);
+                }
+            }
+        });
+        UdpListener {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one UDP datagram from inside `ns` with the given fsuid/fsgid and returns the label
+/// of whoever answered, or the error (e.g. a timeout when nobody did).
+pub fn udp_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String> {
+    let to: SocketAddr = to.parse().expect("target address");
+    ns.run(move || {
+        nix::unistd::setfsgid(Gid::from_raw(gid));
+        nix::unistd::setfsuid(Uid::from_raw(uid));
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        socket.send_to(b"probe", to).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        let (n, _) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
 /// Connects from inside `ns` with the given fsuid/fsgid (what skuid/skgid match) and returns
 /// the line the accepting listener wrote, or the connect error.
 pub fn connect_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String> {

@@ -17,9 +17,12 @@ const LINKERD: (&str, &str) = ("linkerd.io/proxy-version", "stable-2.14.10");
 const POD_PORTS: &[u16] = &[
     15001, 15006, 4140, 4143, 8080, 8081, 9000, 15008, 15020, 15021, 15090, 4190, 4191, 1111, 2222,
 ];
-const PEER_PORTS: &[u16] = &[8080, 9090, 15020, 5555, 6666, 3306];
+const PEER_PORTS: &[u16] = &[8080, 9090, 15020, 5555, 6666, 3306, 53];
+/// UDP responders: the DNS port in the pod, DNS on the peer.
+const POD_UDP_PORTS: &[u16] = &[15053];
+const PEER_UDP_PORTS: &[u16] = &[53];
 
-/// (who, uid, gid, source, destination)
+/// (who, uid, gid, source, destination); a source of `udp` sends a UDP datagram instead.
 type Probe = (&'static str, u32, u32, Option<&'static str>, String);
 
 fn probes() -> Vec<Probe> {
@@ -36,6 +39,7 @@ fn probes() -> Vec<Probe> {
         "127.0.0.2:9000",
         "10.99.0.2:8080",
         "10.99.0.2:15008",
+        "10.99.0.1:53",
     ];
     let owners = [
         (1000, 1000),
@@ -88,6 +92,7 @@ fn probes() -> Vec<Probe> {
 struct Side {
     topo: Topology,
     _listeners: Vec<Listener>,
+    _udp: Vec<UdpListener>,
 }
 
 impl Side {
@@ -104,9 +109,17 @@ impl Side {
                 .iter()
                 .map(|p| Listener::start(&topo.peer, &format!("0.0.0.0:{p}"), &format!("peer{p}"))),
         );
+        let mut udp: Vec<UdpListener> = POD_UDP_PORTS
+            .iter()
+            .map(|p| UdpListener::start(&topo.pod, &format!("0.0.0.0:{p}"), &format!("pod-udp{p}")))
+            .collect();
+        udp.extend(PEER_UDP_PORTS.iter().map(|p| {
+            UdpListener::start(&topo.peer, &format!("0.0.0.0:{p}"), &format!("peer-udp{p}"))
+        }));
         Side {
             topo,
             _listeners: listeners,
+            _udp: udp,
         }
     }
 
@@ -117,7 +130,11 @@ impl Side {
         } else {
             &self.topo.peer
         };
-        match connect_from(ns, *uid, *gid, *src, to) {
+        let result = match src {
+            Some("udp") => udp_as(ns, *uid, *gid, to),
+            _ => connect_from(ns, *uid, *gid, *src, to),
+        };
+        match result {
             Ok(line) => line,
             Err(e) => format!("error: {e}"),
         }

@@ -48,6 +48,13 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
     ),
     ("no-inbound", &[("sluice.dev/include-inbound-ports", "")]),
     (
+        "dns-capture",
+        &[
+            ("sluice.dev/dns-capture", "enabled"),
+            ("sluice.dev/exclude-interfaces", "eth1"),
+        ],
+    ),
+    (
         "istio-profile",
         &[
             ("sidecar.istio.io/status", "{}"),

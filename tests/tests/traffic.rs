@@ -203,3 +203,52 @@ fn a_pod_without_the_annotation_is_not_touched() {
         "peer"
     );
 }
+
+#[test]
+fn dns_capture_sends_udp_and_tcp_53_of_non_proxy_users_to_the_dns_port() {
+    let (topo, _agent) = attached("dns", &[("sluice.dev/dns-capture", "enabled")]);
+    let _l = proxy_listeners(&topo);
+    let _pod_udp = UdpListener::start(&topo.pod, "0.0.0.0:15053", "dns-udp");
+    let _pod_tcp = Listener::start(&topo.pod, "0.0.0.0:15053", "dns-tcp");
+    let _peer_udp = UdpListener::start(&topo.peer, "0.0.0.0:53", "peer-udp53");
+    let _peer_tcp = Listener::start(&topo.peer, "0.0.0.0:53", "peer-tcp53");
+    assert_eq!(
+        udp_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:53"),
+        Ok("dns-udp".to_owned())
+    );
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:53"),
+        Ok("dns-tcp orig=10.99.0.1:53".to_owned())
+    );
+    // The proxy's own lookups (by uid or gid) go out untouched.
+    assert_eq!(
+        udp_as(&topo.pod, PROXY_ID, APP_UID, "10.99.0.1:53"),
+        Ok("peer-udp53".to_owned())
+    );
+    assert_eq!(
+        udp_as(&topo.pod, APP_UID, PROXY_ID, "10.99.0.1:53"),
+        Ok("peer-udp53".to_owned())
+    );
+    assert_eq!(
+        label(&connect_as(&topo.pod, PROXY_ID, PROXY_ID, "10.99.0.1:53")),
+        "peer-tcp53"
+    );
+    // Other UDP is never captured.
+    let _peer_other = UdpListener::start(&topo.peer, "0.0.0.0:5353", "peer-udp5353");
+    assert_eq!(
+        udp_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:5353"),
+        Ok("peer-udp5353".to_owned())
+    );
+}
+
+#[test]
+fn dns_is_not_captured_unless_asked() {
+    let (topo, _agent) = attached("nodns", &[]);
+    let _l = proxy_listeners(&topo);
+    let _pod_udp = UdpListener::start(&topo.pod, "0.0.0.0:15053", "dns-udp");
+    let _peer_udp = UdpListener::start(&topo.peer, "0.0.0.0:53", "peer-udp53");
+    assert_eq!(
+        udp_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:53"),
+        Ok("peer-udp53".to_owned())
+    );
+}

@@ -22,6 +22,11 @@ const EXCLUDE_OUTBOUND_PORTS: &str = "sluice.dev/exclude-outbound-ports";
 const INCLUDE_OUTBOUND_CIDRS: &str = "sluice.dev/include-outbound-cidrs";
 const EXCLUDE_OUTBOUND_CIDRS: &str = "sluice.dev/exclude-outbound-cidrs";
 const EXCLUDE_INTERFACES: &str = "sluice.dev/exclude-interfaces";
+const DNS_CAPTURE: &str = "sluice.dev/dns-capture";
+const DNS_PORT: &str = "sluice.dev/dns-port";
+
+/// Where captured DNS goes unless `sluice.dev/dns-port` says otherwise (Istio's DNS proxy).
+const DEFAULT_DNS_PORT: u16 = 15053;
 
 /// All native annotation keys this agent understands.
 pub fn native_keys() -> &'static [&'static str] {
@@ -37,6 +42,8 @@ pub fn native_keys() -> &'static [&'static str] {
         INCLUDE_OUTBOUND_CIDRS,
         EXCLUDE_OUTBOUND_CIDRS,
         EXCLUDE_INTERFACES,
+        DNS_CAPTURE,
+        DNS_PORT,
     ]
 }
 
@@ -66,6 +73,7 @@ pub(super) fn native_defaults(d: &PlanDefaults) -> RedirectPlan {
         include_outbound_cidrs: Cidrs::All,
         exclude_outbound_cidrs: Vec::new(),
         exclude_interfaces: Vec::new(),
+        dns_port: None,
         loopback: Loopback::istio(),
     }
 }
@@ -113,6 +121,16 @@ pub(super) fn apply_overrides(
     if let Some(v) = get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))? {
         plan.exclude_interfaces = v;
     }
+    let dns_port = get(ann, DNS_PORT, port)?;
+    match get(ann, DNS_CAPTURE, switch)? {
+        Some(true) => plan.dns_port = Some(dns_port.unwrap_or(DEFAULT_DNS_PORT)),
+        Some(false) => plan.dns_port = None,
+        None => {
+            if let (Some(p), Some(current)) = (dns_port, plan.dns_port.as_mut()) {
+                *current = p;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -133,6 +151,15 @@ pub(super) fn get<T>(
     ann.get(key)
         .map(|v| parse(v).map_err(|reason| invalid(key, v, reason)))
         .transpose()
+}
+
+/// `enabled` or `disabled`.
+pub(super) fn switch(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "enabled" => Ok(true),
+        "disabled" => Ok(false),
+        other => Err(format!("{other:?}: expected enabled or disabled")),
+    }
 }
 
 pub(super) fn port(s: &str) -> Result<u16, String> {

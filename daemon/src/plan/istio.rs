@@ -89,6 +89,7 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Option<RedirectPlan
             .unwrap_or_default(),
         exclude_interfaces: get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))?
             .unwrap_or_default(),
+        dns_port: None,
         loopback: Loopback::istio(),
     }))
 }

@@ -58,6 +58,7 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<RedirectPlan, PlanE
         include_outbound_cidrs: Cidrs::All,
         exclude_outbound_cidrs: Vec::new(),
         exclude_interfaces: Vec::new(),
+        dns_port: None,
         loopback: Loopback::IgnoreAll,
     })
 }

@@ -83,6 +83,8 @@ pub struct RedirectPlan {
     pub exclude_outbound_cidrs: Vec<IpNet>,
     /// Traffic in or out of these interfaces is left alone.
     pub exclude_interfaces: Vec<String>,
+    /// DNS capture: UDP and TCP to port 53 from non-proxy users goes to this port.
+    pub dns_port: Option<u16>,
     /// What happens to traffic over `lo`.
     pub loopback: Loopback,
 }

@@ -301,3 +301,44 @@ fn native_annotations_win_and_disabled_profiles_skip() {
         Decision::Skip { .. }
     ));
 }
+
+#[test]
+fn dns_capture_is_off_by_default_and_switchable_with_a_port() {
+    assert_eq!(plan(&[]).dns_port, None);
+    assert_eq!(
+        plan(&[("sluice.dev/dns-capture", "enabled")]).dns_port,
+        Some(15053)
+    );
+    assert_eq!(
+        plan(&[
+            ("sluice.dev/dns-capture", "enabled"),
+            ("sluice.dev/dns-port", "5300")
+        ])
+        .dns_port,
+        Some(5300)
+    );
+    assert_eq!(
+        plan(&[
+            ("sluice.dev/dns-capture", "disabled"),
+            ("sluice.dev/dns-port", "5300")
+        ])
+        .dns_port,
+        None
+    );
+    assert_eq!(
+        error(&[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/dns-capture", "on")
+        ])
+        .annotation,
+        "sluice.dev/dns-capture"
+    );
+    assert_eq!(
+        error(&[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/exclude-interfaces", "a/b")
+        ])
+        .annotation,
+        "sluice.dev/exclude-interfaces"
+    );
+}

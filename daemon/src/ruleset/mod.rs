@@ -166,6 +166,8 @@ pub struct Ruleset {
 }
 
 const INBOUND: &str = "inbound";
+/// The DNS port.
+const DNS: u16 = 53;
 const OUTBOUND: &str = "outbound";
 
 impl Ruleset {
@@ -295,6 +297,23 @@ fn outbound(plan: &RedirectPlan) -> Vec<Rule> {
     )
     .collect();
     let mut rules = Vec::new();
+    // DNS capture comes first: the proxy's own lookups pass, everyone else's go to the DNS
+    // port, over UDP and TCP, whatever the destination (the catch-all TCP redirect below would
+    // otherwise send TCP/53 to the outbound port).
+    if let Some(dns_port) = plan.dns_port {
+        for l4 in [L4::Udp, L4::Tcp] {
+            for (owner, _) in &owners {
+                rules.push(rule(
+                    [Match::Dport(l4, Op::Eq, DNS), owner.clone()],
+                    Verdict::Return,
+                ));
+            }
+            rules.push(rule(
+                [Match::Dport(l4, Op::Eq, DNS)],
+                Verdict::Redirect(dns_port),
+            ));
+        }
+    }
     let excluded_ports = plan.exclude_outbound_ports.iter().flat_map(|&p| {
         [
             rule([Match::Dport(L4::Tcp, Op::Eq, p)], Verdict::Return),
