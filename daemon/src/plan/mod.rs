@@ -175,6 +175,9 @@ impl fmt::Display for Profile {
 }
 
 /// What to do with a pod.
+// One Decision exists per request and is matched right away; boxing the plan would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Program this plan.
