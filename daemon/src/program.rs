@@ -16,14 +16,14 @@ pub enum ProgramError {
     Device(#[source] DeviceError),
 }
 
-/// Applies the ruleset (one atomic batch), then device setup. If device setup fails the table
-/// is removed again, so the pod is left without capture and the ADD fails; the runtime then
-/// tears the sandbox down.
-pub fn attach(rs: &Ruleset) -> Result<Timings, ProgramError> {
+/// Applies the ruleset (one atomic batch), then device setup (`lo` up, sysctls). If device
+/// setup fails, sysctls already written are restored and the table is removed again, so the
+/// pod is left without capture and the ADD fails; the runtime then tears the sandbox down.
+pub fn attach(rs: &Ruleset, sysctls: &[(String, String)]) -> Result<Timings, ProgramError> {
     let start = Instant::now();
     nft::apply(rs)?;
     let nft_done = Instant::now();
-    if let Err(e) = device::setup() {
+    if let Err(e) = device::setup().and_then(|()| device::write_sysctls(sysctls).map(drop)) {
         if let Err(rb) = nft::remove() {
             tracing::error!(error = %rb, "rollback after failed device setup also failed");
         }

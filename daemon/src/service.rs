@@ -127,9 +127,10 @@ impl Agent for AgentService {
         let ruleset =
             Ruleset::from_plan(&plan, Owner::new(&fingerprint, &pod.uid, &req.container_id));
         let rule_count = ruleset.rule_count() as u32;
+        let sysctls = plan.sysctls.clone();
         let ns = self.open(&req.netns)?;
         let timings = ns
-            .run(move || program::attach(&ruleset))
+            .run(move || program::attach(&ruleset, &sysctls))
             .await
             .map_err(netns_status)?
             .map_err(|e| {

@@ -252,3 +252,119 @@ fn dns_is_not_captured_unless_asked() {
         Ok("peer-udp53".to_owned())
     );
 }
+
+fn sysctl(ns: Option<&Netns>, name: &str) -> String {
+    let out = match ns {
+        Some(ns) => ns.exec(&["sysctl", "-n", name]),
+        None => std::process::Command::new("sysctl")
+            .args(["-n", name])
+            .output()
+            .expect("sysctl"),
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn sysctls_are_written_inside_the_pod_only() {
+    require_root();
+    let host_before = sysctl(None, "net.ipv4.ip_unprivileged_port_start");
+    let (topo, _agent) = attached(
+        "sysctl",
+        &[(
+            "sluice.dev/sysctls",
+            "net.ipv4.ip_unprivileged_port_start=80, net.ipv4.conf.all.route_localnet=1, net.ipv4.ip_local_port_range=20000-30000",
+        )],
+    );
+    assert_eq!(
+        sysctl(Some(&topo.pod), "net.ipv4.ip_unprivileged_port_start"),
+        "80"
+    );
+    assert_eq!(
+        sysctl(Some(&topo.pod), "net.ipv4.conf.all.route_localnet"),
+        "1"
+    );
+    assert_eq!(
+        sysctl(Some(&topo.pod), "net.ipv4.ip_local_port_range"),
+        "20000 30000"
+    );
+    assert_eq!(
+        sysctl(None, "net.ipv4.ip_unprivileged_port_start"),
+        host_before,
+        "the node is untouched"
+    );
+    assert_ne!(
+        sysctl(Some(&topo.peer), "net.ipv4.ip_unprivileged_port_start"),
+        "80"
+    );
+}
+
+#[test]
+fn a_sysctl_off_the_allow_list_is_invalid_and_nothing_is_applied() {
+    require_root();
+    let ns = Netns::new("sl-sysbad");
+    let agent = Agent::start("sysbad");
+    for value in [
+        "kernel.pid_max=100000",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.route_localnet=2",
+    ] {
+        let stdin = conf(
+            "1.0.0",
+            &agent.socket_str(),
+            &[
+                ("sluice.dev/redirect", "enabled"),
+                ("sluice.dev/sysctls", value),
+            ],
+            Some(&prev_result("1.0.0")),
+        );
+        let run = cni("ADD", "sysbad", &ns.path(), &stdin);
+        assert_eq!(run.error_code(), 7, "{value}: {run:?}");
+        assert!(
+            run.json()["msg"]
+                .as_str()
+                .unwrap_or("")
+                .contains("sluice.dev/sysctls"),
+            "{run:?}"
+        );
+        assert!(ns.sluice_table().is_none());
+    }
+}
+
+#[test]
+fn a_failing_sysctl_rolls_back_earlier_sysctls_and_the_table() {
+    require_root();
+    // No eth0 in this netns: the second sysctl cannot be written.
+    let ns = Netns::new("sl-sysroll");
+    let before = sysctl(Some(&ns), "net.ipv4.ip_unprivileged_port_start");
+    let agent = Agent::start("sysroll");
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            (
+                "sluice.dev/sysctls",
+                "net.ipv4.ip_unprivileged_port_start=80,net.ipv4.conf.eth0.route_localnet=1",
+            ),
+        ],
+        Some(&prev_result("1.0.0")),
+    );
+    let run = cni("ADD", "sysroll", &ns.path(), &stdin);
+    assert_eq!(run.error_code(), 101, "{run:?}");
+    assert!(
+        run.json()["msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains("net.ipv4.conf.eth0.route_localnet"),
+        "{run:?}"
+    );
+    assert!(ns.sluice_table().is_none(), "the table was rolled back");
+    assert_eq!(
+        sysctl(Some(&ns), "net.ipv4.ip_unprivileged_port_start"),
+        before,
+        "the first sysctl was restored"
+    );
+}

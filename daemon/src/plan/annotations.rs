@@ -24,6 +24,38 @@ const EXCLUDE_OUTBOUND_CIDRS: &str = "sluice.dev/exclude-outbound-cidrs";
 const EXCLUDE_INTERFACES: &str = "sluice.dev/exclude-interfaces";
 const DNS_CAPTURE: &str = "sluice.dev/dns-capture";
 const DNS_PORT: &str = "sluice.dev/dns-port";
+const SYSCTLS: &str = "sluice.dev/sysctls";
+
+/// The sysctls a pod may ask for, each with the values it accepts. All are per network
+/// namespace, so writing them inside the pod's netns cannot touch the node.
+pub const SYSCTL_ALLOW_LIST: &[(&str, SysctlValue)] = &[
+    ("net.ipv4.conf.all.route_localnet", SysctlValue::Bool),
+    ("net.ipv4.conf.lo.route_localnet", SysctlValue::Bool),
+    ("net.ipv4.conf.eth0.route_localnet", SysctlValue::Bool),
+    (
+        "net.ipv4.ip_unprivileged_port_start",
+        SysctlValue::Range(0, 65535),
+    ),
+    (
+        "net.ipv4.ping_group_range",
+        SysctlValue::Pair(0, 2_147_483_647),
+    ),
+    ("net.ipv4.ip_local_port_range", SysctlValue::Pair(1, 65535)),
+    ("net.ipv4.tcp_keepalive_time", SysctlValue::Range(1, 32767)),
+    ("net.ipv4.tcp_fin_timeout", SysctlValue::Range(1, 3600)),
+    ("net.ipv6.conf.all.disable_ipv6", SysctlValue::Bool),
+];
+
+/// What values an allow-listed sysctl takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlValue {
+    /// 0 or 1.
+    Bool,
+    /// One integer in the inclusive range.
+    Range(u32, u32),
+    /// Two integers `a b` with a <= b, both in the inclusive range.
+    Pair(u32, u32),
+}
 
 /// Where captured DNS goes unless `sluice.dev/dns-port` says otherwise (Istio's DNS proxy).
 const DEFAULT_DNS_PORT: u16 = 15053;
@@ -44,6 +76,7 @@ pub fn native_keys() -> &'static [&'static str] {
         EXCLUDE_INTERFACES,
         DNS_CAPTURE,
         DNS_PORT,
+        SYSCTLS,
     ]
 }
 
@@ -74,6 +107,7 @@ pub(super) fn native_defaults(d: &PlanDefaults) -> RedirectPlan {
         exclude_outbound_cidrs: Vec::new(),
         exclude_interfaces: Vec::new(),
         dns_port: None,
+        sysctls: Vec::new(),
         loopback: Loopback::istio(),
     }
 }
@@ -121,6 +155,9 @@ pub(super) fn apply_overrides(
     if let Some(v) = get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))? {
         plan.exclude_interfaces = v;
     }
+    if let Some(v) = get(ann, SYSCTLS, |v| list(v, sysctl))? {
+        plan.sysctls = v;
+    }
     let dns_port = get(ann, DNS_PORT, port)?;
     match get(ann, DNS_CAPTURE, switch)? {
         Some(true) => plan.dns_port = Some(dns_port.unwrap_or(DEFAULT_DNS_PORT)),
@@ -151,6 +188,44 @@ pub(super) fn get<T>(
     ann.get(key)
         .map(|v| parse(v).map_err(|reason| invalid(key, v, reason)))
         .transpose()
+}
+
+/// `name=value` with `name` on the allow-list and `value` of its kind (`a b` pairs may be
+/// written `a b` or `a-b`).
+pub(super) fn sysctl(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .trim()
+        .split_once('=')
+        .ok_or_else(|| format!("{:?} is not name=value", s.trim()))?;
+    let (name, value) = (name.trim(), value.trim());
+    let Some((_, kind)) = SYSCTL_ALLOW_LIST.iter().find(|(n, _)| *n == name) else {
+        return Err(format!("sysctl {name:?} is not on the allow-list"));
+    };
+    let int = |v: &str, lo: u32, hi: u32| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| (lo..=hi).contains(n))
+            .ok_or_else(|| format!("sysctl {name}: {v:?} is not in {lo}..={hi}"))
+    };
+    let value = match *kind {
+        SysctlValue::Bool => int(value, 0, 1)?.to_string(),
+        SysctlValue::Range(lo, hi) => int(value, lo, hi)?.to_string(),
+        SysctlValue::Pair(lo, hi) => {
+            let parts: Vec<&str> = value
+                .split(|c: char| c == '-' || c.is_whitespace())
+                .filter(|p| !p.is_empty())
+                .collect();
+            let [a, b] = parts.as_slice() else {
+                return Err(format!("sysctl {name}: {value:?} is not two numbers"));
+            };
+            let (a, b) = (int(a, lo, hi)?, int(b, lo, hi)?);
+            if a > b {
+                return Err(format!("sysctl {name}: {a} > {b}"));
+            }
+            format!("{a} {b}")
+        }
+    };
+    Ok((name.to_owned(), value))
 }
 
 /// `enabled` or `disabled`.

@@ -90,6 +90,7 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Option<RedirectPlan
         exclude_interfaces: get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))?
             .unwrap_or_default(),
         dns_port: None,
+        sysctls: Vec::new(),
         loopback: Loopback::istio(),
     }))
 }

@@ -59,6 +59,7 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<RedirectPlan, PlanE
         exclude_outbound_cidrs: Vec::new(),
         exclude_interfaces: Vec::new(),
         dns_port: None,
+        sysctls: Vec::new(),
         loopback: Loopback::IgnoreAll,
     })
 }

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-pub use annotations::{ANNOTATION_PREFIX, REDIRECT, native_keys};
+pub use annotations::{ANNOTATION_PREFIX, REDIRECT, SYSCTL_ALLOW_LIST, native_keys};
 
 /// Every annotation key any profile reads (native, Istio, Linkerd), for docs and checks.
 pub fn all_annotation_keys() -> Vec<&'static str> {
@@ -85,6 +85,8 @@ pub struct RedirectPlan {
     pub exclude_interfaces: Vec<String>,
     /// DNS capture: UDP and TCP to port 53 from non-proxy users goes to this port.
     pub dns_port: Option<u16>,
+    /// Per-pod sysctls (allow-listed names under `net.`), written inside the pod's netns.
+    pub sysctls: Vec<(String, String)>,
     /// What happens to traffic over `lo`.
     pub loopback: Loopback,
 }

@@ -342,3 +342,37 @@ fn dns_capture_is_off_by_default_and_switchable_with_a_port() {
         "sluice.dev/exclude-interfaces"
     );
 }
+
+#[test]
+fn sysctls_are_allow_listed_and_normalised() {
+    assert_eq!(
+        plan(&[(
+            "sluice.dev/sysctls",
+            " net.ipv4.ip_local_port_range = 20000-30000 ,net.ipv4.conf.all.route_localnet=1"
+        )])
+        .sysctls,
+        vec![
+            (
+                "net.ipv4.ip_local_port_range".to_owned(),
+                "20000 30000".to_owned()
+            ),
+            (
+                "net.ipv4.conf.all.route_localnet".to_owned(),
+                "1".to_owned()
+            ),
+        ]
+    );
+    for bad in [
+        "kernel.pid_max=1",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.route_localnet=2",
+        "net.ipv4.ip_local_port_range=3 2",
+        "novalue",
+    ] {
+        let e = error(&[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/sysctls", bad),
+        ]);
+        assert_eq!(e.annotation, "sluice.dev/sysctls", "{bad}");
+    }
+}
