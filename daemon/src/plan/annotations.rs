@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
-use super::{CaptureMode, Cidrs, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
+use super::{Cidrs, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
 
 /// Every native annotation starts with this.
 pub const ANNOTATION_PREFIX: &str = "sluice.dev/";
@@ -93,22 +93,14 @@ pub(super) fn redirect(ann: &BTreeMap<String, String>) -> Result<Option<bool>, P
 /// The native plan before overrides: Istio's sidecar capture with the node's defaults.
 pub(super) fn native_defaults(d: &PlanDefaults) -> RedirectPlan {
     RedirectPlan {
-        mode: CaptureMode::Redirect,
-        outbound_port: d.outbound_port,
-        inbound_port: d.inbound_port,
-        proxy_uid: d.proxy_uid,
         proxy_gid: Some(d.proxy_gid),
-        include_inbound_ports: Ports::All,
         exclude_inbound_ports: d.exclude_inbound_ports.clone(),
-        exclude_inbound_sources: Vec::new(),
-        exclude_outbound_ports: Vec::new(),
-        include_outbound_ports: Vec::new(),
-        include_outbound_cidrs: Cidrs::All,
-        exclude_outbound_cidrs: Vec::new(),
-        exclude_interfaces: Vec::new(),
-        dns_port: None,
-        sysctls: Vec::new(),
-        loopback: Loopback::istio(),
+        ..RedirectPlan::capture_all(
+            d.outbound_port,
+            d.inbound_port,
+            d.proxy_uid,
+            Loopback::istio(),
+        )
     }
 }
 

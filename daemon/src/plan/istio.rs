@@ -71,14 +71,10 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Option<RedirectPlan
     exclude_inbound_ports.extend(PROXY_PORTS);
     Ok(Some(RedirectPlan {
         mode,
-        outbound_port: 15001,
-        inbound_port: 15006,
-        proxy_uid: 1337,
         proxy_gid: Some(1337),
         include_inbound_ports: get(ann, INCLUDE_INBOUND_PORTS, |v| star_or(v, port))?
             .map_or(Ports::All, |p| p.map_or(Ports::All, Ports::Only)),
         exclude_inbound_ports,
-        exclude_inbound_sources: Vec::new(),
         exclude_outbound_ports: get(ann, EXCLUDE_OUTBOUND_PORTS, |v| list(v, port))?
             .unwrap_or_else(|| DEFAULT_EXCLUDE_OUTBOUND.to_vec()),
         include_outbound_ports: get(ann, INCLUDE_OUTBOUND_PORTS, |v| list(v, port))?
@@ -89,8 +85,6 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Option<RedirectPlan
             .unwrap_or_default(),
         exclude_interfaces: get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))?
             .unwrap_or_default(),
-        dns_port: None,
-        sysctls: Vec::new(),
-        loopback: Loopback::istio(),
+        ..RedirectPlan::capture_all(15001, 15006, 1337, Loopback::istio())
     }))
 }

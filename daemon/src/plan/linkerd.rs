@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::annotations::{cidr, get, id, list, ports_or_range};
-use super::{CaptureMode, Cidrs, Loopback, PlanError, Ports, RedirectPlan};
+use super::{Loopback, PlanError, RedirectPlan};
 
 /// Present on every pod the Linkerd injector has processed.
 pub const PROXY_VERSION: &str = sluice_proto::annotations::LINKERD_PROXY_VERSION;
@@ -45,21 +45,15 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<RedirectPlan, PlanE
     // (empty in CNI mode).
     exclude_inbound_ports.extend(get(ann, SKIP_INBOUND_PORTS, port_list)?.unwrap_or_default());
     Ok(RedirectPlan {
-        mode: CaptureMode::Redirect,
-        outbound_port: 4140,
-        inbound_port: 4143,
-        proxy_uid: get(ann, PROXY_UID, id)?.unwrap_or(2102),
         proxy_gid: get(ann, PROXY_GID, id)?,
-        include_inbound_ports: Ports::All,
         exclude_inbound_ports,
         exclude_inbound_sources: get(ann, SKIP_SUBNETS, |v| list(v, cidr))?.unwrap_or_default(),
         exclude_outbound_ports: get(ann, SKIP_OUTBOUND_PORTS, port_list)?.unwrap_or_default(),
-        include_outbound_ports: Vec::new(),
-        include_outbound_cidrs: Cidrs::All,
-        exclude_outbound_cidrs: Vec::new(),
-        exclude_interfaces: Vec::new(),
-        dns_port: None,
-        sysctls: Vec::new(),
-        loopback: Loopback::IgnoreAll,
+        ..RedirectPlan::capture_all(
+            4140,
+            4143,
+            get(ann, PROXY_UID, id)?.unwrap_or(2102),
+            Loopback::IgnoreAll,
+        )
     })
 }

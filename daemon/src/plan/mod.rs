@@ -118,6 +118,34 @@ impl Loopback {
 }
 
 impl RedirectPlan {
+    /// All TCP captured to these ports, nothing excluded, no DNS capture or sysctls: the base
+    /// every profile adjusts with struct-update syntax, so a new field has one default.
+    pub fn capture_all(
+        outbound_port: u16,
+        inbound_port: u16,
+        proxy_uid: u32,
+        loopback: Loopback,
+    ) -> Self {
+        RedirectPlan {
+            mode: CaptureMode::Redirect,
+            outbound_port,
+            inbound_port,
+            proxy_uid,
+            proxy_gid: None,
+            include_inbound_ports: Ports::All,
+            exclude_inbound_ports: Vec::new(),
+            exclude_inbound_sources: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            include_outbound_ports: Vec::new(),
+            include_outbound_cidrs: Cidrs::All,
+            exclude_outbound_cidrs: Vec::new(),
+            exclude_interfaces: Vec::new(),
+            dns_port: None,
+            sysctls: Vec::new(),
+            loopback,
+        }
+    }
+
     /// A stable short hash of the plan: equal plans give equal fingerprints across runs and
     /// builds, so the fingerprint stored in the kernel can be compared later.
     pub fn fingerprint(&self) -> String {
