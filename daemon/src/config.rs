@@ -56,6 +56,9 @@ pub struct FileConfig {
     pub proxy_uid: Option<u32>,
     pub proxy_gid: Option<u32>,
     pub exclude_inbound_ports: Option<Vec<u16>>,
+    /// TPROXY packet mark and routing table when a pod names none (default 1337, 133).
+    pub tproxy_mark: Option<u32>,
+    pub tproxy_table: Option<u32>,
     /// Mesh profiles to read annotations of (default: all): "istio", "linkerd".
     pub profiles: Option<Vec<String>>,
 }
@@ -88,6 +91,21 @@ impl FileConfig {
             path: path.into(),
             source: Box::new(source),
         })?;
+        if file.tproxy_mark.is_some_and(|m| m == 0 || m == u32::MAX) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: "tproxy-mark must be 1 to 4294967294".into(),
+            });
+        }
+        if file
+            .tproxy_table
+            .is_some_and(|t| matches!(t, 0 | 253..=255))
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: "tproxy-table must not be 0 or a kernel table (253-255)".into(),
+            });
+        }
         if let Some(unknown) = file
             .profiles
             .iter()
@@ -124,6 +142,8 @@ impl FileConfig {
         if let Some(v) = self.exclude_inbound_ports {
             p.exclude_inbound_ports = v;
         }
+        p.tproxy_mark = self.tproxy_mark.unwrap_or(p.tproxy_mark);
+        p.tproxy_table = self.tproxy_table.unwrap_or(p.tproxy_table);
         if let Some(v) = self.profiles {
             p.istio = v.iter().any(|s| s == "istio");
             p.linkerd = v.iter().any(|s| s == "linkerd");

@@ -1,5 +1,20 @@
-//! Per-pod device setup through rtnetlink. Runs on a netns worker thread, so the rtnetlink
-//! connection is opened after entering the pod's namespace and belongs to it.
+//! Per-pod device setup through rtnetlink: `lo` up, the IPv6 passthrough address, TPROXY's
+//! policy routing, sysctls. Runs on a netns worker thread, so the rtnetlink connection is
+//! opened after entering the pod's namespace and belongs to it.
+//!
+//! Every rule, route and address sluice adds carries the protocol number [`PROTO`], so Detach
+//! finds and removes exactly ours, even after an agent restart with no memory of the plan.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressProtocol};
+use netlink_packet_route::route::{RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+use tokio_stream::StreamExt;
+
+use crate::plan::{CaptureMode, Loopback, RedirectPlan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -9,6 +24,12 @@ pub enum DeviceError {
     Connect(#[source] std::io::Error),
     #[error("setting lo up: {0}")]
     LoopbackUp(#[source] rtnetlink::Error),
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
     #[error("sysctl {name}: {source}")]
     Sysctl {
         name: String,
@@ -20,16 +41,120 @@ pub enum DeviceError {
 /// The loopback device's index, fixed by the kernel in every namespace.
 const LOOPBACK_INDEX: u32 = 1;
 
-/// Brings `lo` up. Redirected connections land on loopback, so without it nothing works.
-pub fn setup() -> Result<(), DeviceError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The routing protocol number on sluice's rules, routes and addresses (`ip rule show` prints
+/// `proto 83`). Unassigned in iproute2's rt_protos list.
+pub const PROTO: u8 = 83;
+
+/// Priority of the TPROXY policy rule: the one the kernel gives `ip rule add` without a
+/// priority in a fresh namespace (what Istio's init ends up with), made explicit so re-adding
+/// finds the same rule.
+pub const TPROXY_RULE_PRIORITY: u32 = 32765;
+
+/// What the device steps of a plan are (a pure value; `sluicectl explain` prints it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSetup {
+    /// Add this address to `lo` (Istio's `::6` IPv6 passthrough source).
+    pub lo_address6: Option<Ipv6Addr>,
+    /// TPROXY policy routing `(mark, table)`, per captured family.
+    pub tproxy: Option<(u32, u32)>,
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub sysctls: Vec<(String, String)>,
+}
+
+impl DeviceSetup {
+    pub fn from_plan(plan: &RedirectPlan) -> Self {
+        DeviceSetup {
+            lo_address6: match plan.loopback {
+                Loopback::Istio {
+                    passthrough_source6,
+                    ..
+                } if plan.families.ipv6 => Some(passthrough_source6),
+                _ => None,
+            },
+            tproxy: match plan.mode {
+                CaptureMode::Tproxy { mark, table } => Some((mark, table)),
+                CaptureMode::Redirect => None,
+            },
+            ipv4: plan.families.ipv4,
+            ipv6: plan.families.ipv6,
+            sysctls: plan.sysctls.clone(),
+        }
+    }
+
+    fn families(&self) -> impl Iterator<Item = (IpVersion, &'static str)> {
+        [
+            (self.ipv4, IpVersion::V4, ""),
+            (self.ipv6, IpVersion::V6, " -6"),
+        ]
+        .into_iter()
+        .filter(|(on, ..)| *on)
+        .map(|(_, v, flag)| (v, flag))
+    }
+
+    /// The steps as `ip`/`sysctl` commands, one per line.
+    pub fn describe(&self) -> String {
+        let mut out = String::from("ip link set lo up\n");
+        if let Some(a) = self.lo_address6 {
+            out += &format!("ip -6 addr add {a}/128 dev lo nodad proto {PROTO}\n");
+        }
+        if let Some((mark, table)) = self.tproxy {
+            for (_, flag) in self.families() {
+                out += &format!(
+                    "ip{flag} rule add fwmark {mark} lookup {table} pref {TPROXY_RULE_PRIORITY} proto {PROTO}\n"
+                );
+                let any = if flag.is_empty() { "0.0.0.0/0" } else { "::/0" };
+                out +=
+                    &format!("ip{flag} route add local {any} dev lo table {table} proto {PROTO}\n");
+            }
+        }
+        for (name, value) in &self.sysctls {
+            out += &format!("sysctl -w {name}={value}\n");
+        }
+        out
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
-        .map_err(DeviceError::Runtime)?;
-    rt.block_on(async {
+        .map_err(DeviceError::Runtime)
+}
+
+/// Runs `f` with an rtnetlink handle of the calling thread's namespace.
+fn with_handle<T>(f: impl AsyncFnOnce(Handle) -> Result<T, DeviceError>) -> Result<T, DeviceError> {
+    runtime()?.block_on(async {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(DeviceError::Connect)?;
         let task = tokio::spawn(connection);
-        let result = handle
+        let result = f(handle).await;
+        task.abort();
+        result
+    })
+}
+
+fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DeviceError {
+    let what = what.into();
+    move |source| DeviceError::Netlink { what, source }
+}
+
+/// Adding something that is already there (a re-ADD) is success.
+fn exists_ok(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        other => other,
+    }
+}
+
+/// Applies the netlink steps (everything but sysctls). If a step fails, what was added is
+/// removed again before the error is returned. `fresh` is false on a re-ADD: rules and routes
+/// of an earlier plan are cleared first so a changed mark or table leaves nothing stale.
+pub fn setup(s: &DeviceSetup, fresh: bool) -> Result<(), DeviceError> {
+    with_handle(async |handle| {
+        if !fresh {
+            remove_ours(&handle).await?;
+        }
+        handle
             .link()
             .set(
                 rtnetlink::LinkUnspec::new_with_index(LOOPBACK_INDEX)
@@ -38,10 +163,144 @@ pub fn setup() -> Result<(), DeviceError> {
             )
             .execute()
             .await
-            .map_err(DeviceError::LoopbackUp);
-        task.abort();
+            .map_err(DeviceError::LoopbackUp)?;
+        let result = add_ours(&handle, s).await;
+        if result.is_err()
+            && let Err(e) = remove_ours(&handle).await
+        {
+            tracing::error!(error = %e, "removing device setup after a failed step also failed");
+        }
         result
     })
+}
+
+async fn add_ours(handle: &Handle, s: &DeviceSetup) -> Result<(), DeviceError> {
+    if let Some(addr) = s.lo_address6 {
+        let mut req = handle.address().add(LOOPBACK_INDEX, IpAddr::V6(addr), 128);
+        let msg = req.message_mut();
+        msg.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        exists_ok(req.execute().await).map_err(netlink(format!("adding {addr}/128 to lo")))?;
+    }
+    let Some((mark, table)) = s.tproxy else {
+        return Ok(());
+    };
+    for (version, _) in s.families() {
+        // `local default dev lo table T`, built per family (the builder is typed by it).
+        macro_rules! local_default {
+            ($addr:ty) => {
+                RouteMessageBuilder::<$addr>::new()
+                    .destination_prefix(<$addr>::UNSPECIFIED, 0)
+                    .table_id(table)
+                    .kind(RouteType::Local)
+                    .scope(RouteScope::Host)
+                    .protocol(RouteProtocol::Other(PROTO))
+                    .output_interface(LOOPBACK_INDEX)
+                    .build()
+            };
+        }
+        let (family, route) = match version {
+            IpVersion::V4 => (AddressFamily::Inet, local_default!(Ipv4Addr)),
+            IpVersion::V6 => (AddressFamily::Inet6, local_default!(Ipv6Addr)),
+        };
+        let mut rule = handle
+            .rule()
+            .add()
+            .fw_mark(mark)
+            .table_id(table)
+            .priority(TPROXY_RULE_PRIORITY)
+            .action(RuleAction::ToTable);
+        let msg = rule.message_mut();
+        msg.header.family = family;
+        msg.attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(PROTO)));
+        exists_ok(rule.execute().await).map_err(netlink(format!(
+            "adding {version:?} rule fwmark {mark} lookup {table}"
+        )))?;
+        exists_ok(handle.route().add(route).execute().await).map_err(netlink(format!(
+            "adding {version:?} local default route to table {table}"
+        )))?;
+    }
+    Ok(())
+}
+
+/// Removes every rule, route and `lo` address tagged with [`PROTO`]. `Ok(true)` if any was.
+async fn remove_ours(handle: &Handle) -> Result<bool, DeviceError> {
+    let proto = RouteProtocol::Other(PROTO);
+    let mut removed = false;
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let rules: Vec<_> = handle
+            .rule()
+            .get(version.clone())
+            .execute()
+            .collect::<Result<Vec<_>, _>>()
+            .await
+            .map_err(netlink("listing rules"))?;
+        for rule in rules {
+            if rule.attributes.contains(&RuleAttribute::Protocol(proto)) {
+                handle
+                    .rule()
+                    .del(rule)
+                    .execute()
+                    .await
+                    .map_err(netlink("deleting a sluice rule"))?;
+                removed = true;
+            }
+        }
+        let query = match version {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
+        let routes: Vec<_> = handle
+            .route()
+            .get(query)
+            .execute()
+            .collect::<Result<Vec<_>, _>>()
+            .await
+            .map_err(netlink("listing routes"))?;
+        for route in routes {
+            if route.header.protocol == proto {
+                handle
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .map_err(netlink("deleting a sluice route"))?;
+                removed = true;
+            }
+        }
+    }
+    let addresses: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(LOOPBACK_INDEX)
+        .execute()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .map_err(netlink("listing lo addresses"))?;
+    for address in addresses {
+        let ours = address
+            .attributes
+            .contains(&AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
+        if ours {
+            handle
+                .address()
+                .del(address)
+                .execute()
+                .await
+                .map_err(netlink("deleting a sluice lo address"))?;
+            removed = true;
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes sluice's rules, routes and addresses from the calling thread's namespace (Detach,
+/// rollback). `Ok(true)` if there were any.
+pub fn teardown() -> Result<bool, DeviceError> {
+    with_handle(async |handle| remove_ours(&handle).await)
 }
 
 /// The /proc/sys file of a sysctl. `/proc/sys/net` resolves against the calling *thread's*

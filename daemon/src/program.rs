@@ -4,8 +4,9 @@
 
 use std::time::Instant;
 
-use crate::device::{self, DeviceError};
+use crate::device::{self, DeviceError, DeviceSetup};
 use crate::nft::{self, LiveTable, NftError};
+use crate::plan::RedirectPlan;
 use crate::ruleset::Ruleset;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,16 +15,29 @@ pub enum ProgramError {
     Nft(#[from] NftError),
     #[error("{0} (the nftables table was rolled back)")]
     Device(#[source] DeviceError),
+    #[error("removing device setup: {0}")]
+    Teardown(#[source] DeviceError),
 }
 
-/// Applies the ruleset (one atomic batch), then device setup (`lo` up, sysctls). If device
-/// setup fails, sysctls already written are restored and the table is removed again, so the
-/// pod is left without capture and the ADD fails; the runtime then tears the sandbox down.
-pub fn attach(rs: &Ruleset, sysctls: &[(String, String)]) -> Result<Timings, ProgramError> {
+/// Applies the ruleset (one atomic batch), then device setup (`lo` up, the IPv6 passthrough
+/// address, TPROXY policy routing, sysctls). If device setup fails, what it added is removed,
+/// sysctls already written are restored and the table is removed again, so the pod is left
+/// without capture and the ADD fails; the runtime then tears the sandbox down.
+pub fn attach(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
     let start = Instant::now();
-    nft::apply(rs)?;
+    let replaced = nft::apply(rs)?;
     let nft_done = Instant::now();
-    if let Err(e) = device::setup().and_then(|()| device::write_sysctls(sysctls).map(drop)) {
+    let setup = DeviceSetup::from_plan(plan);
+    let result = device::setup(&setup, !replaced).and_then(|()| {
+        device::write_sysctls(&setup.sysctls)
+            .map(drop)
+            .inspect_err(|_| {
+                if let Err(e) = device::teardown() {
+                    tracing::error!(error = %e, "removing device setup after a failed sysctl");
+                }
+            })
+    });
+    if let Err(e) = result {
         if let Err(rb) = nft::remove() {
             tracing::error!(error = %rb, "rollback after failed device setup also failed");
         }
@@ -42,9 +56,12 @@ pub struct Timings {
     pub device_us: u64,
 }
 
-/// Removes our table. `Ok(false)` when there was nothing to remove.
-pub fn detach() -> Result<bool, NftError> {
-    nft::remove()
+/// Removes our table and our rules, routes and addresses. `Ok(false)` when there was nothing
+/// to remove.
+pub fn detach() -> Result<bool, ProgramError> {
+    let table = nft::remove()?;
+    let device = device::teardown().map_err(ProgramError::Teardown)?;
+    Ok(table || device)
 }
 
 /// Reads our table back.

@@ -2,6 +2,7 @@
 //! kernel → reply. Every error names the input it is about.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,11 +85,13 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
-fn pod_ips(ips: &[String]) -> Result<Vec<IpNet>, Status> {
+/// The pod's addresses, given as `10.1.0.5/24` (prevResult form) or `10.1.0.5`.
+fn pod_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
     ips.iter()
         .map(|s| {
             s.parse::<IpNet>()
-                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|n| n.addr())
+                .or_else(|_| s.parse::<IpAddr>())
                 .map_err(|_| invalid("pod_ips", format!("{s:?} is not an IP address or CIDR")))
         })
         .collect()
@@ -108,10 +111,10 @@ impl Agent for AgentService {
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
         required("netns", &req.netns)?;
-        pod_ips(&req.pod_ips)?;
+        let ips = pod_ips(&req.pod_ips)?;
         let annotations = to_map(req.annotations);
         let (plan, profile) =
-            match plan::decide(&annotations, &self.config.plan).map_err(plan_status)? {
+            match plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)? {
                 Decision::Skip { reason } => {
                     tracing::debug!(container = %req.container_id, %reason, "attach skipped");
                     return Ok(Response::new(AttachResponse {
@@ -127,10 +130,9 @@ impl Agent for AgentService {
         let ruleset =
             Ruleset::from_plan(&plan, Owner::new(&fingerprint, &pod.uid, &req.container_id));
         let rule_count = ruleset.rule_count() as u32;
-        let sysctls = plan.sysctls.clone();
         let ns = self.open(&req.netns)?;
         let timings = ns
-            .run(move || program::attach(&ruleset, &sysctls))
+            .run(move || program::attach(&ruleset, &plan))
             .await
             .map_err(netns_status)?
             .map_err(|e| {
@@ -237,7 +239,16 @@ impl Agent for AgentService {
             .pod
             .or_else(|| record.as_ref().and_then(|r| r.attachment.pod.clone()))
             .unwrap_or_default();
-        let decision = plan::decide(&annotations, &self.config.plan).map_err(plan_status)?;
+        let ips = if req.pod_ips.is_empty() {
+            record
+                .as_ref()
+                .map(|r| r.pod_ips.clone())
+                .unwrap_or_default()
+        } else {
+            req.pod_ips
+        };
+        let ips = pod_ips(&ips)?;
+        let decision = plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)?;
         let live = self
             .open(&netns)?
             .run(program::inspect)
@@ -301,9 +312,9 @@ impl Agent for AgentService {
         req: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
         let req = req.into_inner();
-        pod_ips(&req.pod_ips)?;
+        let ips = pod_ips(&req.pod_ips)?;
         Ok(Response::new(
-            explain(&to_map(req.annotations), &self.config.plan).map_err(plan_status)?,
+            explain(&to_map(req.annotations), &ips, &self.config.plan).map_err(plan_status)?,
         ))
     }
 }
@@ -312,9 +323,10 @@ impl Agent for AgentService {
 /// `sluicectl explain`, which runs it without an agent.
 pub fn explain(
     annotations: &BTreeMap<String, String>,
+    pod_ips: &[IpAddr],
     defaults: &plan::PlanDefaults,
 ) -> Result<ExplainResponse, PlanError> {
-    Ok(match plan::decide(annotations, defaults)? {
+    Ok(match plan::decide(annotations, pod_ips, defaults)? {
         Decision::Skip { reason } => ExplainResponse {
             outcome: Outcome::Skipped.into(),
             reason,
@@ -329,6 +341,7 @@ pub fn explain(
                 profile: profile.to_string(),
                 fingerprint,
                 nft: rs.to_nft_script(),
+                device: crate::device::DeviceSetup::from_plan(&plan).describe(),
                 plan: format!("{plan:#?}"),
             }
         }

@@ -130,12 +130,18 @@ impl Drop for Netns {
 }
 
 pub const POD_IP: &str = "10.99.0.2";
+pub const POD_IP6: &str = "fd00:99::2";
+pub const PEER_IP6: &str = "fd00:99::1";
+/// The peer's second IPv6 address, in another network.
+pub const PEER_FAR_IP6: &str = "fd00:98::1";
 pub const PEER_IP: &str = "10.99.0.1";
 /// A second address of the peer, in another network, for CIDR include/exclude tests.
 pub const PEER_FAR_IP: &str = "10.98.0.1";
 
-/// A "pod" netns and a "peer" netns joined by a veth pair (eth0 on both sides).
-/// pod: 10.99.0.2/24, default via the peer; peer: 10.99.0.1/24 and 10.98.0.1/32.
+/// A "pod" netns and a "peer" netns joined by a veth pair (eth0 on both sides), dual-stack.
+/// pod: 10.99.0.2/24 and fd00:99::2/64, default routes via the peer; peer: 10.99.0.1/24,
+/// 10.98.0.1/32, fd00:99::1/64 and fd00:98::1/128. IPv6 addresses skip DAD (`nodad`) so
+/// they are usable at once.
 /// The pod's `lo` is left down, as a fresh sandbox has it: sluice brings it up.
 #[derive(Debug)]
 pub struct Topology {
@@ -154,6 +160,34 @@ impl Topology {
         pod.ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"]);
         pod.ip(&["link", "set", "eth0", "up"]);
         pod.ip(&["route", "add", "default", "via", PEER_IP]);
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{POD_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod.ip(&["-6", "route", "add", "default", "via", PEER_IP6]);
+        peer.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{PEER_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        peer.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{PEER_FAR_IP6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         peer.ip(&["addr", "add", &format!("{PEER_IP}/24"), "dev", "eth0"]);
         peer.ip(&["addr", "add", &format!("{PEER_FAR_IP}/32"), "dev", "eth0"]);
         peer.ip(&["link", "set", "eth0", "up"]);
@@ -164,7 +198,9 @@ impl Topology {
 }
 
 /// A TCP listener inside a netns that answers every connection with one line:
-/// `<label> orig=<SO_ORIGINAL_DST or ->` and closes. Stopped on drop.
+/// `<label> orig=<SO_ORIGINAL_DST if it differs from the local address, else ->` (a transparent one adds ` local=<getsockname>`,
+/// the original destination a TPROXY'd connection keeps) and closes. IPv6 listeners are
+/// IPv6-only, so `[::]:P` and `0.0.0.0:P` coexist. Stopped on drop.
 #[derive(Debug)]
 pub struct Listener {
     fd: TcpListener,
@@ -172,11 +208,60 @@ pub struct Listener {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A listening socket bound to `addr`, optionally with IP_TRANSPARENT (what a TPROXY proxy
+/// sets so the kernel hands it connections for any destination).
+fn listen_socket(addr: SocketAddr, transparent: bool) -> std::io::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
+        socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    if transparent {
+        setsockopt(&fd, sockopt::IpTransparent, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    listen(&fd, Backlog::new(128).map_err(std::io::Error::from)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Where a redirected connection was headed: `SO_ORIGINAL_DST` (or its IPv6 twin).
+fn original_dst(conn: &TcpStream) -> String {
+    use nix::sys::socket::{getsockopt, sockopt};
+    if let Ok(sa) = getsockopt(conn, sockopt::OriginalDst) {
+        let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+        return format!("{ip}:{}", u16::from_be(sa.sin_port));
+    }
+    if let Ok(sa) = getsockopt(conn, sockopt::Ip6tOriginalDst) {
+        let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr);
+        return format!("[{ip}]:{}", u16::from_be(sa.sin6_port));
+    }
+    "-".to_owned()
+}
+
 impl Listener {
     pub fn start(ns: &Netns, addr: &str, label: &str) -> Self {
+        Self::start_with(ns, addr, label, false)
+    }
+
+    /// A listener with IP_TRANSPARENT, reporting its local address too.
+    pub fn transparent(ns: &Netns, addr: &str, label: &str) -> Self {
+        Self::start_with(ns, addr, label, true)
+    }
+
+    fn start_with(ns: &Netns, addr: &str, label: &str, transparent: bool) -> Self {
         let addr: SocketAddr = addr.parse().expect("listener address");
-        let listener =
-            ns.run(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+        let listener = ns.run(move || {
+            listen_socket(addr, transparent).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+        });
         let fd = listener.try_clone().expect("clone listener");
         let stop = Arc::new(AtomicBool::new(false));
         let label = label.to_owned();
@@ -187,14 +272,20 @@ impl Listener {
                     break;
                 }
                 let Ok(mut conn) = conn else { continue };
-                let orig =
-                    nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::OriginalDst)
-                        .map(|sa| {
-                            let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-                            format!("{ip}:{}", u16::from_be(sa.sin_port))
-                        })
-                        .unwrap_or_else(|_| "-".to_owned());
-                let _ = writeln!(conn, "{label} orig={orig}");
+                let local = conn
+                    .local_addr()
+                    .map_or_else(|e| e.to_string(), |a| a.to_string());
+                // conntrack answers SO_ORIGINAL_DST for any tracked connection; only a
+                // destination that was rewritten is news ("-" otherwise).
+                let mut orig = original_dst(&conn);
+                if orig == local {
+                    orig = "-".to_owned();
+                }
+                if transparent {
+                    let _ = writeln!(conn, "{label} orig={orig} local={local}");
+                } else {
+                    let _ = writeln!(conn, "{label} orig={orig}");
+                }
             }
         });
         Listener {
@@ -226,9 +317,8 @@ pub struct UdpListener {
 impl UdpListener {
     pub fn start(ns: &Netns, addr: &str, label: &str) -> Self {
         let addr: SocketAddr = addr.parse().expect("listener address");
-        let socket = ns.run(move || {
-            std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))
-        });
+        let socket =
+            ns.run(move || udp_socket(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}")));
         // A short receive timeout lets the thread notice `stop` without a wake-up packet.
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
@@ -260,6 +350,24 @@ impl Drop for UdpListener {
     }
 }
 
+/// A UDP socket bound to `addr` (IPv6-only for IPv6 addresses).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
 /// Sends one UDP datagram from inside `ns` with the given fsuid/fsgid and returns the label
 /// of whoever answered, or the error (e.g. a timeout when nobody did).
 pub fn udp_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String> {
@@ -267,7 +375,12 @@ pub fn udp_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String
     ns.run(move || {
         nix::unistd::setfsgid(Gid::from_raw(gid));
         nix::unistd::setfsuid(Uid::from_raw(uid));
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        let any: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().expect("any v4")
+        } else {
+            "[::]:0".parse().expect("any v6")
+        };
+        let socket = udp_socket(any).map_err(|e| e.to_string())?;
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
@@ -293,29 +406,33 @@ pub fn connect_from(
     to: &str,
 ) -> Result<String, String> {
     use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
     };
-    let to: std::net::SocketAddrV4 = to.parse().expect("IPv4 target address");
-    let src: Option<std::net::SocketAddrV4> =
-        src.map(|s| format!("{s}:0").parse().expect("IPv4 source address"));
+    let to: SocketAddr = to.parse().expect("target address");
+    let src: Option<SocketAddr> = src.map(|s| {
+        let ip: std::net::IpAddr = s.parse().expect("source address");
+        SocketAddr::new(ip, 0)
+    });
     ns.run(move || {
         nix::unistd::setfsgid(Gid::from_raw(gid));
         nix::unistd::setfsuid(Uid::from_raw(uid));
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| e.to_string())?;
+        let family = if to.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| e.to_string())?;
         let limit = nix::sys::time::TimeVal::new(3, 0);
         // SO_SNDTIMEO also bounds a blocking connect(2) on Linux.
         setsockopt(&fd, sockopt::SendTimeout, &limit).map_err(|e| e.to_string())?;
         setsockopt(&fd, sockopt::ReceiveTimeout, &limit).map_err(|e| e.to_string())?;
         if let Some(src) = src {
-            bind(fd.as_raw_fd(), &SockaddrIn::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
+            bind(fd.as_raw_fd(), &SockaddrStorage::from(src))
+                .map_err(|e| format!("bind {src}: {e}"))?;
         }
-        connect(fd.as_raw_fd(), &SockaddrIn::from(to)).map_err(|e| e.desc().to_owned())?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(to)).map_err(|e| e.desc().to_owned())?;
         let stream = TcpStream::from(fd);
         let mut line = String::new();
         BufReader::new(stream)
@@ -470,8 +587,23 @@ pub fn conf(
 
 /// A prevResult as the bridge plugin prints it, for the given version.
 pub fn prev_result(version: &str) -> String {
+    prev_result_with(version, &[POD_CIDR4])
+}
+
+/// The pod's IPv4 address as prevResult carries it.
+pub const POD_CIDR4: &str = "10.99.0.2/24";
+/// The pod's IPv6 address as prevResult carries it.
+pub const POD_CIDR6: &str = "fd00:99::2/64";
+
+/// A prevResult like the bridge plugin's, with these pod addresses.
+pub fn prev_result_with(version: &str, ips: &[&str]) -> String {
+    let ips: Vec<String> = ips
+        .iter()
+        .map(|a| format!(r#"{{"address":"{a}","interface":2}}"#))
+        .collect();
     format!(
-        r#"{{"cniVersion":"{version}","interfaces":[{{"name":"cni0","mac":"ae:27:49:13:d0:b5"}},{{"name":"veth887c2dfd","mac":"9e:50:a9:d6:e8:cf"}},{{"name":"eth0","mac":"c2:3f:67:e2:46:fa","sandbox":"/var/run/netns/x"}}],"ips":[{{"address":"10.99.0.2/24","gateway":"10.99.0.1","interface":2}}],"routes":[{{"dst":"0.0.0.0/0"}}],"dns":{{"nameservers":["10.96.0.10"]}}}}"#
+        r#"{{"cniVersion":"{version}","interfaces":[{{"name":"cni0","mac":"ae:27:49:13:d0:b5"}},{{"name":"veth887c2dfd","mac":"9e:50:a9:d6:e8:cf"}},{{"name":"eth0","mac":"c2:3f:67:e2:46:fa","sandbox":"/var/run/netns/x"}}],"ips":[{}],"routes":[{{"dst":"0.0.0.0/0"}}],"dns":{{"nameservers":["10.96.0.10"]}}}}"#,
+        ips.join(",")
     )
 }
 

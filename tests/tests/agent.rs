@@ -245,3 +245,62 @@ fn a_config_file_is_read_flags_win_and_logs_can_be_json() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sluicectl explain` (no agent needed) renders every mode: REDIRECT, TPROXY with its
+/// policy routing, dual-stack, and each profile, saying which profile produced the plan.
+#[test]
+fn sluicectl_explain_renders_each_mode_and_names_the_profile() {
+    let explain = |args: &[&str]| {
+        let out = std::process::Command::new(bin("sluicectl"))
+            .arg("explain")
+            .args(args)
+            .output()
+            .expect("sluicectl explain");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let redirect = explain(&["-a", "sluice.dev/redirect=enabled", "--pod-ip", "10.0.0.5"]);
+    assert!(redirect.contains("# profile: native"), "{redirect}");
+    assert!(redirect.contains("redirect to :15001"), "{redirect}");
+    assert!(!redirect.contains("ipv6"), "{redirect}");
+    let tproxy = explain(&[
+        "-a",
+        "sluice.dev/redirect=enabled",
+        "-a",
+        "sluice.dev/mode=tproxy",
+        "--pod-ip",
+        "10.0.0.5",
+        "--pod-ip",
+        "fd00::5",
+    ]);
+    for want in [
+        "tproxy ip to :15006 meta mark set 0x00000539 accept",
+        "tproxy ip6 to :15006",
+        "# device: ip rule add fwmark 1337 lookup 133",
+        "# device: ip -6 route add local ::/0 dev lo table 133",
+        "# device: ip -6 addr add ::6/128 dev lo",
+    ] {
+        assert!(tproxy.contains(want), "missing {want:?} in\n{tproxy}");
+    }
+    let istio = explain(&[
+        "-a",
+        "sidecar.istio.io/status={}",
+        "-a",
+        "sidecar.istio.io/interceptionMode=TPROXY",
+    ]);
+    assert!(istio.contains("# profile: istio"), "{istio}");
+    assert!(istio.contains("tproxy ip to :15006"), "{istio}");
+    let linkerd = explain(&["-a", "linkerd.io/proxy-version=stable-2.14.10", "--plan"]);
+    assert!(linkerd.contains("# profile: linkerd"), "{linkerd}");
+    assert!(linkerd.contains("redirect to :4140"), "{linkerd}");
+    let none = explain(&[
+        "-a",
+        "sidecar.istio.io/status={}",
+        "-a",
+        "sidecar.istio.io/interceptionMode=NONE",
+    ]);
+    assert!(
+        none.contains("# skipped: the mesh's interception mode is NONE"),
+        "{none}"
+    );
+}

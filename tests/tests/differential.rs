@@ -4,6 +4,12 @@
 //! sluice through the real plugin from the equivalent annotations. The same traffic matrix runs
 //! against both and every probe must meet the same fate: the same listener (proxy port, app
 //! port or peer) accepting it with the same original destination, or the same error.
+//!
+//! Reference files: `.ipt` goes to iptables-nft-restore, `.ip6t` to ip6tables-nft-restore;
+//! a line `#! ip ...` is a device step the mesh's init does through netlink (TPROXY's policy
+//! routing, Istio's `::6` on lo) and is run in the reference pod as written. Pod listeners
+//! are transparent (IP_TRANSPARENT) on both sides and report their local address, so a
+//! TPROXY'd connection shows the destination it kept.
 
 use sluice_tests::*;
 
@@ -86,6 +92,37 @@ fn probes() -> Vec<Probe> {
         Some("10.98.0.1"),
         "10.99.0.2:8081".to_owned(),
     ));
+    // The IPv6 half: the same shapes with ::1, ::6 and the pod's fd00:99::2.
+    let outbound6 = [
+        "[fd00:99::1]:8080",
+        "[fd00:99::1]:15020",
+        "[fd00:98::1]:8080",
+        "[::1]:9000",
+        "[fd00:99::2]:8080",
+        "[fd00:99::2]:15008",
+    ];
+    for (uid, gid) in [(1000, 1000), (1337, 1000), (1000, 1337), (0, 0)] {
+        for to in outbound6 {
+            out.push(("pod", uid, gid, None, to.to_owned()));
+        }
+    }
+    out.push((
+        "pod",
+        1337,
+        1337,
+        Some("::6"),
+        "[fd00:99::2]:8080".to_owned(),
+    ));
+    for port in [8080, 15008, 15020, 15090] {
+        out.push(("peer", 1000, 1000, None, format!("[fd00:99::2]:{port}")));
+    }
+    out.push((
+        "peer",
+        1000,
+        1000,
+        Some("fd00:98::1"),
+        "[fd00:99::2]:8080".to_owned(),
+    ));
     out
 }
 
@@ -100,15 +137,17 @@ impl Side {
         let topo = Topology::new(name);
         // A pod's lo is up (the CNI loopback plugin; sluice also does it).
         topo.pod.ip(&["link", "set", "lo", "up"]);
-        let mut listeners: Vec<Listener> = POD_PORTS
-            .iter()
-            .map(|p| Listener::start(&topo.pod, &format!("0.0.0.0:{p}"), &format!("pod{p}")))
-            .collect();
-        listeners.extend(
-            PEER_PORTS
-                .iter()
-                .map(|p| Listener::start(&topo.peer, &format!("0.0.0.0:{p}"), &format!("peer{p}"))),
-        );
+        let mut listeners = Vec::new();
+        for any in ["0.0.0.0", "[::]"] {
+            listeners.extend(POD_PORTS.iter().map(|p| {
+                Listener::transparent(&topo.pod, &format!("{any}:{p}"), &format!("pod{p}"))
+            }));
+            listeners.extend(
+                PEER_PORTS.iter().map(|p| {
+                    Listener::start(&topo.peer, &format!("{any}:{p}"), &format!("peer{p}"))
+                }),
+            );
+        }
         let mut udp: Vec<UdpListener> = POD_UDP_PORTS
             .iter()
             .map(|p| UdpListener::start(&topo.pod, &format!("0.0.0.0:{p}"), &format!("pod-udp{p}")))
@@ -141,21 +180,24 @@ impl Side {
     }
 }
 
-fn differential(case: &str, reference: &str, annotations: &[(&str, &str)]) {
-    require_root();
+/// Programs the reference pod from one reference file.
+fn apply_reference(pod: &Netns, reference: &str) {
     let rules_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("reference")
         .join(reference);
     let rules = std::fs::read_to_string(&rules_path).expect("reference rules");
-
-    let reference_side = Side::new(&format!("d{case}r"));
+    let restore = if reference.ends_with(".ip6t") {
+        "ip6tables-nft-restore"
+    } else {
+        "iptables-nft-restore"
+    };
+    for step in rules.lines().filter_map(|l| l.strip_prefix("#! ")) {
+        let mut args = vec!["ip", "-n", &pod.name];
+        args.extend(step.split_whitespace().skip(1));
+        sh(&args);
+    }
     let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &reference_side.topo.pod.name,
-            "iptables-nft-restore",
-        ])
+        .args(["netns", "exec", &pod.name, restore])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -175,6 +217,25 @@ fn differential(case: &str, reference: &str, annotations: &[(&str, &str)]) {
         "{reference}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn differential(case: &str, reference: &str, annotations: &[(&str, &str)]) {
+    differential_with(case, &[reference], &[POD_CIDR4], annotations);
+}
+
+/// One differential case: reference files for the iptables side, the pod's addresses (as
+/// prevResult gives them to sluice) and the annotations.
+fn differential_with(
+    case: &str,
+    references: &[&str],
+    pod_ips: &[&str],
+    annotations: &[(&str, &str)],
+) {
+    require_root();
+    let reference_side = Side::new(&format!("d{case}r"));
+    for reference in references {
+        apply_reference(&reference_side.topo.pod, reference);
+    }
 
     let sluice_side = Side::new(&format!("d{case}s"));
     let agent = Agent::start(&format!("diff-{case}"));
@@ -182,7 +243,7 @@ fn differential(case: &str, reference: &str, annotations: &[(&str, &str)]) {
         "1.0.0",
         &agent.socket_str(),
         annotations,
-        Some(&prev_result("1.0.0")),
+        Some(&prev_result_with("1.0.0", pod_ips)),
     );
     let run = cni(
         "ADD",
@@ -326,6 +387,41 @@ fn native_default_matches_istio_init() {
         &[
             ("sluice.dev/redirect", "enabled"),
             ("sluice.dev/exclude-outbound-ports", "15020"),
+        ],
+    );
+}
+
+#[test]
+fn istio_tproxy() {
+    differential(
+        "itp",
+        "istio-tproxy.ipt",
+        &[
+            ISTIO_STATUS,
+            ("sidecar.istio.io/interceptionMode", "TPROXY"),
+        ],
+    );
+}
+
+#[test]
+fn istio_ipv6_dual_stack() {
+    differential_with(
+        "i6",
+        &["istio-default.ipt", "istio-default.ip6t"],
+        &[POD_CIDR4, POD_CIDR6],
+        &[ISTIO_STATUS],
+    );
+}
+
+#[test]
+fn istio_tproxy_dual_stack() {
+    differential_with(
+        "itp6",
+        &["istio-tproxy.ipt", "istio-tproxy.ip6t"],
+        &[POD_CIDR4, POD_CIDR6],
+        &[
+            ISTIO_STATUS,
+            ("sidecar.istio.io/interceptionMode", "TPROXY"),
         ],
     );
 }

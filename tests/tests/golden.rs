@@ -13,10 +13,21 @@ use sluice_tests::*;
 
 const CONTAINER: &str = "golden";
 
-const CASES: &[(&str, &[(&str, &str)])] = &[
-    ("default", &[]),
+/// Pod addresses of a case, as prevResult gives them.
+const V4: &[&str] = &[POD_CIDR4];
+const DUAL: &[&str] = &[POD_CIDR4, POD_CIDR6];
+
+type Case = (
+    &'static str,
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+);
+
+const CASES: &[Case] = &[
+    ("default", V4, &[]),
     (
         "exclusions",
+        V4,
         &[
             ("sluice.dev/exclude-outbound-ports", "9090,9091"),
             (
@@ -28,6 +39,7 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
     ),
     (
         "include-lists",
+        V4,
         &[
             ("sluice.dev/include-inbound-ports", "80,443"),
             (
@@ -38,6 +50,7 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
     ),
     (
         "custom-proxy",
+        V4,
         &[
             ("sluice.dev/outbound-port", "4140"),
             ("sluice.dev/inbound-port", "4143"),
@@ -46,9 +59,14 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
             ("sluice.dev/exclude-inbound-ports", "4190,4191"),
         ],
     ),
-    ("no-inbound", &[("sluice.dev/include-inbound-ports", "")]),
+    (
+        "no-inbound",
+        V4,
+        &[("sluice.dev/include-inbound-ports", "")],
+    ),
     (
         "dns-capture",
+        V4,
         &[
             ("sluice.dev/dns-capture", "enabled"),
             ("sluice.dev/exclude-interfaces", "eth1"),
@@ -56,6 +74,7 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
     ),
     (
         "istio-profile",
+        V4,
         &[
             ("sidecar.istio.io/status", "{}"),
             ("traffic.sidecar.istio.io/excludeInterfaces", "eth1"),
@@ -64,10 +83,32 @@ const CASES: &[(&str, &[(&str, &str)])] = &[
     ),
     (
         "linkerd-profile",
+        V4,
         &[
             ("linkerd.io/proxy-version", "stable-2.14.10"),
             ("config.linkerd.io/skip-subnets", "10.98.0.0/16"),
             ("config.linkerd.io/skip-outbound-ports", "4567-4568"),
+        ],
+    ),
+    ("tproxy", V4, &[("sluice.dev/mode", "tproxy")]),
+    (
+        "dual-stack",
+        DUAL,
+        &[
+            (
+                "sluice.dev/exclude-outbound-cidrs",
+                "10.0.0.0/8,fd00:98::/64",
+            ),
+            ("sluice.dev/include-inbound-ports", "80,443"),
+            ("sluice.dev/dns-capture", "enabled"),
+        ],
+    ),
+    (
+        "istio-tproxy-dual",
+        DUAL,
+        &[
+            ("sidecar.istio.io/status", "{}"),
+            ("sidecar.istio.io/interceptionMode", "TPROXY"),
         ],
     ),
 ];
@@ -78,17 +119,29 @@ fn annotations(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'s
     all
 }
 
-fn render(extra: &[(&'static str, &'static str)]) -> String {
+fn render(ips: &[&str], extra: &[(&'static str, &'static str)]) -> String {
     let map: BTreeMap<String, String> = annotations(extra)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    let Ok(Decision::Capture { plan, .. }) = decide(&map, &PlanDefaults::default()) else {
+    let Ok(Decision::Capture { plan, .. }) = decide(&map, &addrs(ips), &PlanDefaults::default())
+    else {
         panic!("golden cases all capture");
     };
     // The owner matches what `cni()` sends for container "golden" (K8S_POD_UID=uid-golden).
     let owner = Owner::new(&plan.fingerprint(), &format!("uid-{CONTAINER}"), CONTAINER);
     Ruleset::from_plan(&plan, owner).to_nft_script()
+}
+
+fn addrs(ips: &[&str]) -> Vec<std::net::IpAddr> {
+    ips.iter()
+        .map(|c| {
+            c.split('/')
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("address")
+        })
+        .collect()
 }
 
 fn golden_path(name: &str) -> PathBuf {
@@ -105,8 +158,8 @@ fn listing(script: &str) -> String {
 #[test]
 fn rendered_text_matches_the_golden_files() {
     let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
-    for (name, extra) in CASES {
-        let text = render(extra);
+    for (name, ips, extra) in CASES {
+        let text = render(ips, extra);
         let path = golden_path(name);
         if update {
             std::fs::write(&path, &text).expect("write golden");
@@ -126,7 +179,7 @@ fn rendered_text_matches_the_golden_files() {
 fn the_kernel_holds_exactly_the_golden_text() {
     require_root();
     let agent = Agent::start("golden");
-    for (name, extra) in CASES {
+    for (name, ips, extra) in CASES {
         let golden = std::fs::read_to_string(golden_path(name)).expect("golden file");
 
         let via_agent = Netns::new(&format!("sl-gold-{name}"));
@@ -134,7 +187,7 @@ fn the_kernel_holds_exactly_the_golden_text() {
             "1.0.0",
             &agent.socket_str(),
             &annotations(extra),
-            Some(&prev_result("1.0.0")),
+            Some(&prev_result_with("1.0.0", ips)),
         );
         let run = cni("ADD", CONTAINER, &via_agent.path(), &stdin);
         assert_eq!(run.exit, 0, "{name}: {run:?}");

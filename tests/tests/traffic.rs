@@ -8,6 +8,11 @@ const PROXY_ID: u32 = 1337;
 
 /// Topology + agent + a real CNI ADD with these annotations.
 fn attached(test: &str, annotations: &[(&str, &str)]) -> (Topology, Agent) {
+    attached_with(test, &[POD_CIDR4], annotations)
+}
+
+/// Like [`attached`] with these pod addresses in prevResult (they choose the IP families).
+fn attached_with(test: &str, ips: &[&str], annotations: &[(&str, &str)]) -> (Topology, Agent) {
     require_root();
     let topo = Topology::new(test);
     let agent = Agent::start(test);
@@ -17,11 +22,20 @@ fn attached(test: &str, annotations: &[(&str, &str)]) -> (Topology, Agent) {
         "1.0.0",
         &agent.socket_str(),
         &all,
-        Some(&prev_result("1.0.0")),
+        Some(&prev_result_with("1.0.0", ips)),
     );
     let run = cni("ADD", test, &topo.pod.path(), &stdin);
     assert_eq!(run.exit, 0, "ADD failed: {run:?}");
     (topo, agent)
+}
+
+/// CNI DEL of the pod attached by [`attached_with`] (the runtime sends the annotations again).
+fn del(test: &str, topo: &Topology, agent: &Agent, annotations: &[(&str, &str)]) {
+    let mut all = vec![("sluice.dev/redirect", "enabled")];
+    all.extend_from_slice(annotations);
+    let stdin = conf("1.0.0", &agent.socket_str(), &all, None);
+    let run = cni("DEL", test, &topo.pod.path(), &stdin);
+    assert_eq!(run.exit, 0, "DEL failed: {run:?}");
 }
 
 fn proxy_listeners(topo: &Topology) -> [Listener; 3] {
@@ -367,4 +381,161 @@ fn a_failing_sysctl_rolls_back_earlier_sysctls_and_the_table() {
         before,
         "the first sysctl was restored"
     );
+}
+
+#[test]
+fn ipv6_is_captured_from_the_pod_ips_and_loopback_is_never_redirected() {
+    let (topo, agent) = attached_with("v6", &[POD_CIDR4, POD_CIDR6], &[]);
+    let _l = proxy_listeners(&topo);
+    let _l6 = [
+        Listener::start(&topo.pod, "[::]:15001", "outbound6"),
+        Listener::start(&topo.pod, "[::]:15006", "inbound6"),
+        Listener::start(&topo.pod, "[::1]:9000", "app6"),
+        Listener::start(&topo.peer, "[::]:8080", "peer6"),
+    ];
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "[fd00:99::1]:8080"),
+        Ok("outbound6 orig=[fd00:99::1]:8080".to_owned())
+    );
+    assert_eq!(
+        connect_as(&topo.pod, PROXY_ID, PROXY_ID, "[fd00:99::1]:8080"),
+        Ok("peer6 orig=-".to_owned()),
+        "the proxy's own IPv6 traffic passes"
+    );
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "[::1]:9000"),
+        Ok("app6 orig=-".to_owned()),
+        "::1 is never redirected"
+    );
+    assert_eq!(
+        connect_as(&topo.peer, APP_UID, APP_UID, "[fd00:99::2]:8080"),
+        Ok("inbound6 orig=[fd00:99::2]:8080".to_owned())
+    );
+    // IPv4 is captured in the same table.
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080"),
+        Ok("outbound orig=10.99.0.1:8080".to_owned())
+    );
+    let lo = topo.pod.ip(&["-6", "addr", "show", "dev", "lo"]);
+    assert!(
+        lo.contains("inet6 ::6/128"),
+        "::6 on lo as Istio adds it: {lo}"
+    );
+    del("v6", &topo, &agent, &[]);
+    let lo = topo.pod.ip(&["-6", "addr", "show", "dev", "lo"]);
+    assert!(!lo.contains("::6/128"), "DEL removes ::6: {lo}");
+    assert!(topo.pod.sluice_table().is_none());
+}
+
+#[test]
+fn an_ipv4_only_pod_leaves_ipv6_alone() {
+    let (topo, _agent) = attached("v4only", &[]);
+    let _l6 = [
+        Listener::start(&topo.pod, "[::]:15001", "outbound6"),
+        Listener::start(&topo.peer, "[::]:8080", "peer6"),
+    ];
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "[fd00:99::1]:8080"),
+        Ok("peer6 orig=-".to_owned())
+    );
+    let table = topo.pod.sluice_table().expect("table");
+    assert!(!table.contains("ipv6"), "{table}");
+}
+
+/// The kernel's policy rules and the routes of `table` of one family in `ns`, as `ip` prints
+/// them (no routes when the table does not exist).
+fn policy(ns: &Netns, family: &str, table: &str) -> (String, String) {
+    let routes = ns.exec(&["ip", family, "route", "show", "table", table]);
+    (
+        ns.ip(&[family, "rule", "show"]),
+        String::from_utf8_lossy(&routes.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn tproxy_mode_delivers_inbound_without_nat_and_del_removes_the_policy_routing() {
+    let (topo, agent) = attached_with(
+        "tproxy",
+        &[POD_CIDR4, POD_CIDR6],
+        &[("sluice.dev/mode", "tproxy")],
+    );
+    let _l = [
+        Listener::transparent(&topo.pod, "0.0.0.0:15006", "inbound"),
+        Listener::transparent(&topo.pod, "[::]:15006", "inbound6"),
+        Listener::start(&topo.pod, "0.0.0.0:15001", "outbound"),
+    ];
+    // The proxy sees the original destination as its local address: no NAT.
+    assert_eq!(
+        connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:8080"),
+        Ok("inbound orig=- local=10.99.0.2:8080".to_owned())
+    );
+    assert_eq!(
+        connect_from(
+            &topo.peer,
+            APP_UID,
+            APP_UID,
+            Some(PEER_FAR_IP),
+            "10.99.0.2:9999"
+        ),
+        Ok("inbound orig=- local=10.99.0.2:9999".to_owned()),
+        "and the original source"
+    );
+    assert_eq!(
+        connect_as(&topo.peer, APP_UID, APP_UID, "[fd00:99::2]:8080"),
+        Ok("inbound6 orig=- local=[fd00:99::2]:8080".to_owned())
+    );
+    // Outbound stays REDIRECT, as in Istio's TPROXY mode.
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080"),
+        Ok("outbound orig=10.99.0.1:8080".to_owned())
+    );
+    for family in ["-4", "-6"] {
+        let (rules, routes) = policy(&topo.pod, family, "133");
+        assert!(
+            rules.contains("32765:\tfrom all fwmark 0x539 lookup 133 proto 83"),
+            "{family}: {rules}"
+        );
+        assert!(
+            routes.contains("local default dev lo proto 83"),
+            "{family}: {routes}"
+        );
+    }
+    del("tproxy", &topo, &agent, &[("sluice.dev/mode", "tproxy")]);
+    for family in ["-4", "-6"] {
+        let (rules, routes) = policy(&topo.pod, family, "133");
+        assert!(
+            !rules.contains("fwmark"),
+            "{family}: DEL removes the rule: {rules}"
+        );
+        assert!(
+            routes.trim().is_empty(),
+            "{family}: DEL removes the route: {routes}"
+        );
+    }
+    assert!(topo.pod.sluice_table().is_none());
+}
+
+#[test]
+fn tproxy_mark_and_table_are_configurable_and_no_listener_means_no_connection() {
+    let (topo, _agent) = attached(
+        "tpmark",
+        &[
+            ("sluice.dev/mode", "tproxy"),
+            ("sluice.dev/tproxy-mark", "0x100"),
+            ("sluice.dev/tproxy-table", "200"),
+        ],
+    );
+    let (rules, routes) = policy(&topo.pod, "-4", "200");
+    assert!(rules.contains("fwmark 0x100 lookup 200"), "{rules}");
+    assert!(routes.contains("local default dev lo"), "{routes}");
+    let (rules6, _) = policy(&topo.pod, "-6", "200");
+    assert!(
+        !rules6.contains("fwmark"),
+        "IPv4-only pod: no IPv6 rule: {rules6}"
+    );
+    // The app listens, the proxy does not: iptables' TPROXY drops such a packet, and so do
+    // we; the connection is never delivered uncaptured to the app.
+    let _app = Listener::start(&topo.pod, "0.0.0.0:8080", "app");
+    let reply = connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:8080");
+    assert!(reply.is_err(), "{reply:?}");
 }

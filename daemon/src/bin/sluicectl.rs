@@ -36,6 +36,9 @@ enum Command {
         /// A pod annotation as key=value (repeatable).
         #[arg(long = "annotation", short = 'a', value_parser = parse_kv)]
         annotations: Vec<(String, String)>,
+        /// A pod address (repeatable); decides the IP families captured (none: both).
+        #[arg(long = "pod-ip")]
+        pod_ips: Vec<std::net::IpAddr>,
         /// Also print the plan value.
         #[arg(long)]
         plan: bool,
@@ -60,9 +63,14 @@ async fn client(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Command::Explain { annotations, plan } = &args.command {
+    if let Command::Explain {
+        annotations,
+        pod_ips,
+        plan,
+    } = &args.command
+    {
         let annotations: BTreeMap<_, _> = annotations.iter().cloned().collect();
-        let out = sluice::service::explain(&annotations, &PlanDefaults::default())?;
+        let out = sluice::service::explain(&annotations, pod_ips, &PlanDefaults::default())?;
         if out.outcome == Outcome::Skipped as i32 {
             println!("# skipped: {}", out.reason);
         } else {
@@ -74,6 +82,9 @@ fn main() -> anyhow::Result<()> {
                 for line in out.plan.lines() {
                     println!("# {line}");
                 }
+            }
+            for line in out.device.lines() {
+                println!("# device: {line}");
             }
             print!("{}", out.nft);
         }

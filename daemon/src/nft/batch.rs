@@ -2,16 +2,16 @@
 //! either commits the whole table with all chains and rules or keeps exactly what was there.
 
 use std::ffi::CString;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use nftnl::expr::{Bitwise, Cmp, CmpOp, Immediate, Meta, Payload, Register};
-use nftnl::expr::{Ipv4HeaderField, NetworkHeaderField, TcpHeaderField, TransportHeaderField};
-use nftnl::expr::{UdpHeaderField, Verdict as NftVerdict};
+use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Immediate, Meta, Payload, Register, States};
+use nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField};
+use nftnl::expr::{TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict as NftVerdict};
 use nftnl::{Batch, ChainType, FinalizedBatch, MsgType, ProtoFamily};
 
-use super::ffi::{Redir, TableMsg, comment_udata};
-use crate::ruleset::{self, Hook, L4, Match, Op, Ruleset, TABLE, Verdict};
+use super::ffi::{Redir, TableMsg, Tproxy, comment_udata};
+use crate::ruleset::{self, Family, Hook, Kind, L4, Match, Op, Ruleset, TABLE, Verdict};
 
 fn cstring(s: &str) -> CString {
     CString::new(s).unwrap_or_else(|_| unreachable!("chain and table names are NUL-free literals"))
@@ -61,7 +61,11 @@ pub(super) fn install(rs: &Ruleset, mode: Mode) -> FinalizedBatch {
                     Hook::Output => nftnl::Hook::Out,
                 };
                 chain.set_hook(hook, base.priority);
-                chain.set_type(ChainType::Nat);
+                chain.set_type(match base.kind {
+                    Kind::Nat => ChainType::Nat,
+                    Kind::Filter => ChainType::Filter,
+                    Kind::Route => ChainType::Route,
+                });
                 chain.set_policy(nftnl::Policy::Accept);
             }
             chain
@@ -96,16 +100,23 @@ fn cmp_op(op: Op) -> CmpOp {
 /// emits `meta nfproto` / `meta l4proto` once and only where needed (as nft does).
 #[derive(Default)]
 struct Deps {
-    ipv4: bool,
+    family: Option<Family>,
     l4: Option<L4>,
 }
 
+fn nfproto(f: Family) -> u8 {
+    match f {
+        Family::V4 => libc::NFPROTO_IPV4 as u8,
+        Family::V6 => libc::NFPROTO_IPV6 as u8,
+    }
+}
+
 impl Deps {
-    fn need_ipv4(&mut self, r: &mut nftnl::Rule<'_>) {
-        if !self.ipv4 {
+    fn need_family(&mut self, r: &mut nftnl::Rule<'_>, f: Family) {
+        if self.family != Some(f) {
             r.add_expr(&Meta::NfProto);
-            r.add_expr(&Cmp::new(CmpOp::Eq, libc::NFPROTO_IPV4 as u8));
-            self.ipv4 = true;
+            r.add_expr(&Cmp::new(CmpOp::Eq, nfproto(f)));
+            self.family = Some(f);
         }
     }
     fn need_l4(&mut self, r: &mut nftnl::Rule<'_>, l4: L4) {
@@ -122,7 +133,7 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
     let mut deps = Deps::default();
     for m in &spec.matches {
         match m {
-            Match::Ipv4 => deps.need_ipv4(&mut r),
+            Match::NfProto(f) => deps.need_family(&mut r, *f),
             Match::L4Proto(l4) => deps.need_l4(&mut r, *l4),
             Match::IifName(op, name) => ifname(&mut r, Meta::IifName, *op, name),
             Match::OifName(op, name) => ifname(&mut r, Meta::OifName, *op, name),
@@ -135,8 +146,24 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
                 r.add_expr(&Meta::SkGid);
                 r.add_expr(&Cmp::new(cmp_op(*op), *id));
             }
-            Match::Daddr(op, net) => addr(&mut r, &mut deps, Ipv4HeaderField::Daddr, *op, net),
-            Match::Saddr(op, net) => addr(&mut r, &mut deps, Ipv4HeaderField::Saddr, *op, net),
+            Match::Daddr(op, net) => addr(&mut r, &mut deps, Dir::Daddr, *op, net),
+            Match::Saddr(op, net) => addr(&mut r, &mut deps, Dir::Saddr, *op, net),
+            // Marks are host byte order u32 in the kernel, like uid/gid.
+            Match::Mark(op, mark) => {
+                r.add_expr(&Meta::Mark { set: false });
+                r.add_expr(&Cmp::new(cmp_op(*op), *mark));
+            }
+            Match::CtMark(op, mark) => {
+                r.add_expr(&Conntrack::Mark { set: false });
+                r.add_expr(&Cmp::new(cmp_op(*op), *mark));
+            }
+            // `ct state established,related`: any of the two state bits set.
+            Match::CtEstablishedOrRelated => {
+                r.add_expr(&Conntrack::State);
+                let bits = (States::ESTABLISHED | States::RELATED).bits();
+                r.add_expr(&Bitwise::new(bits, 0u32));
+                r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+            }
             Match::Dport(l4, op, port) => {
                 deps.need_l4(&mut r, *l4);
                 let field = match l4 {
@@ -158,8 +185,45 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
             r.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
             r.add_expr(&Redir);
         }
+        Verdict::SetMark(mark) => set_mark(&mut r, *mark),
+        Verdict::MarkAccept(mark) => {
+            set_mark(&mut r, *mark);
+            r.add_expr(&NftVerdict::Accept);
+        }
+        Verdict::Tproxy { port, mark } => {
+            let family = deps.family.unwrap_or_else(|| {
+                unreachable!("TPROXY rules always match an address, which sets the family")
+            });
+            r.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
+            r.add_expr(&Tproxy {
+                family: u32::from(nfproto(family)),
+            });
+            set_mark(&mut r, *mark);
+            r.add_expr(&NftVerdict::Accept);
+        }
+        Verdict::SaveMark => {
+            r.add_expr(&Meta::Mark { set: false });
+            r.add_expr(&Conntrack::Mark { set: true });
+        }
+        Verdict::RestoreMark => {
+            r.add_expr(&Conntrack::Mark { set: false });
+            r.add_expr(&Meta::Mark { set: true });
+        }
+        Verdict::Drop => r.add_expr(&NftVerdict::Drop),
     }
     r
+}
+
+/// `meta mark set MARK`: the mark goes through register 1.
+fn set_mark(r: &mut nftnl::Rule<'_>, mark: u32) {
+    r.add_expr(&Immediate::new(mark, Register::Reg1));
+    r.add_expr(&Meta::Mark { set: true });
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Saddr,
+    Daddr,
 }
 
 /// Interface names compare as the kernel's zero-padded IFNAMSIZ buffer.
@@ -171,17 +235,32 @@ fn ifname(r: &mut nftnl::Rule<'_>, key: Meta, op: Op, name: &str) {
     r.add_expr(&Cmp::new(cmp_op(op), &buf[..]));
 }
 
-fn addr(r: &mut nftnl::Rule<'_>, deps: &mut Deps, field: Ipv4HeaderField, op: Op, net: &IpNet) {
-    let IpNet::V4(net) = net else {
-        unreachable!("the ruleset only emits IPv4 address matches in this slice")
-    };
-    deps.need_ipv4(r);
-    r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(field)));
-    if net.prefix_len() < 32 {
-        r.add_expr(&Bitwise::new(
-            net.netmask(),
-            std::net::Ipv4Addr::UNSPECIFIED,
-        ));
+/// An address match: the family dependency, the header field, a mask for prefixes, and the
+/// compare (addresses are network byte order, which is how `IpAddr` serializes).
+fn addr(r: &mut nftnl::Rule<'_>, deps: &mut Deps, dir: Dir, op: Op, net: &IpNet) {
+    deps.need_family(r, Family::of(net));
+    match net {
+        IpNet::V4(net) => {
+            let field = match dir {
+                Dir::Saddr => Ipv4HeaderField::Saddr,
+                Dir::Daddr => Ipv4HeaderField::Daddr,
+            };
+            r.add_expr(&Payload::Network(NetworkHeaderField::Ipv4(field)));
+            if net.prefix_len() < 32 {
+                r.add_expr(&Bitwise::new(net.netmask(), Ipv4Addr::UNSPECIFIED));
+            }
+            r.add_expr(&Cmp::new(cmp_op(op), IpAddr::V4(net.network())));
+        }
+        IpNet::V6(net) => {
+            let field = match dir {
+                Dir::Saddr => Ipv6HeaderField::Saddr,
+                Dir::Daddr => Ipv6HeaderField::Daddr,
+            };
+            r.add_expr(&Payload::Network(NetworkHeaderField::Ipv6(field)));
+            if net.prefix_len() < 128 {
+                r.add_expr(&Bitwise::new(net.netmask(), Ipv6Addr::UNSPECIFIED));
+            }
+            r.add_expr(&Cmp::new(cmp_op(op), IpAddr::V6(net.network())));
+        }
     }
-    r.add_expr(&Cmp::new(cmp_op(op), IpAddr::V4(net.network())));
 }

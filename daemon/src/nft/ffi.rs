@@ -1,9 +1,9 @@
 //! The libnftnl calls that the `nftnl` crate does not wrap. This is the only module of sluice
 //! with `unsafe` code; every block says why it is sound.
 //!
-//! Written by hand because nothing maintained does it: nftnl 0.9 has no `redir` expression and
+//! Written by hand because nothing maintained does it: nftnl 0.9 has no `redir` or `tproxy` expression and
 //! no table userdata, and its only read-back helper returns table names. What we need is small:
-//! one expression, one message type, and three parsers that turn netlink messages (from the
+//! two expressions, one message type, and three parsers that turn netlink messages (from the
 //! kernel's dumps, or from our own batch) into plain Rust values.
 #![allow(unsafe_code)]
 
@@ -48,6 +48,37 @@ impl Expression for Redir {
                 expr.as_ptr(),
                 sys::NFTNL_EXPR_REDIR_FLAGS as u16,
                 NF_NAT_RANGE_PROTO_SPECIFIED,
+            );
+        }
+        expr
+    }
+}
+
+/// `tproxy ip|ip6 to :PORT`, reading the port (network byte order) from register 1, which the
+/// caller fills with an `Immediate` first. nftnl 0.9 has no tproxy expression either.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Tproxy {
+    /// `NFPROTO_IPV4` or `NFPROTO_IPV6`: the family of the rule's address match.
+    pub family: u32,
+}
+
+impl Expression for Tproxy {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // Safety: as for `Redir`: NUL-terminated literal, NULL checked, ownership to the rule.
+        let expr = alloc(unsafe { sys::nftnl_expr_alloc(c"tproxy".as_ptr()) });
+        // Safety: `expr` is a live tproxy expression; family and port register are u32
+        // attributes. No address register: the listener is looked up on the packet's own
+        // destination address, as iptables' TPROXY without --on-ip does.
+        unsafe {
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_TPROXY_FAMILY as u16,
+                self.family,
+            );
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_TPROXY_REG_PORT as u16,
+                libc::NFT_REG_1 as u32,
             );
         }
         expr

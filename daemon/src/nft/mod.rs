@@ -51,13 +51,13 @@ impl LiveTable {
 
 /// Installs `rs` as `inet sluice` in the current netns, atomically. A fresh pod takes one
 /// create-only batch; if the table already exists (re-ADD) that batch is refused whole and an
-/// atomic replace follows, so re-apply stays idempotent.
-pub fn apply(rs: &Ruleset) -> Result<(), NftError> {
+/// atomic replace follows, so re-apply stays idempotent. `Ok(true)` when a table was replaced.
+pub fn apply(rs: &Ruleset) -> Result<bool, NftError> {
     match send(&batch::install(rs, batch::Mode::Create)) {
         Err(NftError::Batch(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-            send(&batch::install(rs, batch::Mode::Replace))
+            send(&batch::install(rs, batch::Mode::Replace)).map(|()| true)
         }
-        other => other,
+        other => other.map(|()| false),
     }
 }
 

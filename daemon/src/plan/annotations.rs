@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
-use super::{Cidrs, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
+use super::{CaptureMode, Cidrs, Families, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
 
 /// Every native annotation starts with this.
 pub const ANNOTATION_PREFIX: &str = "sluice.dev/";
@@ -25,6 +25,10 @@ const EXCLUDE_INTERFACES: &str = "sluice.dev/exclude-interfaces";
 const DNS_CAPTURE: &str = "sluice.dev/dns-capture";
 const DNS_PORT: &str = "sluice.dev/dns-port";
 const SYSCTLS: &str = "sluice.dev/sysctls";
+const MODE: &str = "sluice.dev/mode";
+const TPROXY_MARK: &str = "sluice.dev/tproxy-mark";
+const TPROXY_TABLE: &str = "sluice.dev/tproxy-table";
+const IP_FAMILIES: &str = "sluice.dev/ip-families";
 
 /// The sysctls a pod may ask for, each with the values it accepts. All are per network
 /// namespace, so writing them inside the pod's netns cannot touch the node.
@@ -77,6 +81,10 @@ pub fn native_keys() -> &'static [&'static str] {
         DNS_CAPTURE,
         DNS_PORT,
         SYSCTLS,
+        MODE,
+        TPROXY_MARK,
+        TPROXY_TABLE,
+        IP_FAMILIES,
     ]
 }
 
@@ -109,6 +117,7 @@ pub(super) fn native_defaults(d: &PlanDefaults) -> RedirectPlan {
 /// it did not ask for.
 pub(super) fn apply_overrides(
     ann: &BTreeMap<String, String>,
+    defaults: &PlanDefaults,
     plan: &mut RedirectPlan,
 ) -> Result<(), PlanError> {
     if let Some((key, value)) = ann
@@ -147,6 +156,37 @@ pub(super) fn apply_overrides(
     if let Some(v) = get(ann, EXCLUDE_INTERFACES, |v| list(v, interface))? {
         plan.exclude_interfaces = v;
     }
+    if let Some(v) = get(ann, IP_FAMILIES, families)? {
+        plan.families = v;
+    }
+    let mark = get(ann, TPROXY_MARK, tproxy_mark)?;
+    let table = get(ann, TPROXY_TABLE, route_table)?;
+    let tproxy = match get(ann, MODE, mode)? {
+        Some(false) => false,
+        Some(true) => true,
+        None => matches!(plan.mode, CaptureMode::Tproxy { .. }),
+    };
+    plan.mode = if tproxy {
+        let (mut m, mut t) = match plan.mode {
+            CaptureMode::Tproxy { mark, table } => (mark, table),
+            CaptureMode::Redirect => (defaults.tproxy_mark, defaults.tproxy_table),
+        };
+        m = mark.unwrap_or(m);
+        t = table.unwrap_or(t);
+        CaptureMode::Tproxy { mark: m, table: t }
+    } else {
+        if let Some((key, v)) = [TPROXY_MARK, TPROXY_TABLE]
+            .into_iter()
+            .find_map(|k| ann.get(k).map(|v| (k, v)))
+        {
+            return Err(invalid(
+                key,
+                v,
+                "only meaningful with sluice.dev/mode: tproxy",
+            ));
+        }
+        CaptureMode::Redirect
+    };
     if let Some(v) = get(ann, SYSCTLS, |v| list(v, sysctl))? {
         plan.sysctls = v;
     }
@@ -218,6 +258,48 @@ pub(super) fn sysctl(s: &str) -> Result<(String, String), String> {
         }
     };
     Ok((name.to_owned(), value))
+}
+
+/// `redirect` (false) or `tproxy` (true).
+pub(super) fn mode(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "redirect" => Ok(false),
+        "tproxy" => Ok(true),
+        other => Err(format!("{other:?}: expected redirect or tproxy")),
+    }
+}
+
+/// `ipv4`, `ipv6` or `dual`.
+pub(super) fn families(s: &str) -> Result<Families, String> {
+    match s.trim() {
+        "ipv4" => Ok(Families::IPV4),
+        "ipv6" => Ok(Families::IPV6),
+        "dual" => Ok(Families::DUAL),
+        other => Err(format!("{other:?}: expected ipv4, ipv6 or dual")),
+    }
+}
+
+/// A packet mark: non-zero (0 is "unmarked") and below u32::MAX, since `mark + 1` marks the
+/// proxy's own connections over `lo`.
+pub(super) fn tproxy_mark(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let n = if let Some(hex) = s.strip_prefix("0x") {
+        u32::from_str_radix(hex, 16).ok()
+    } else {
+        s.parse::<u32>().ok()
+    };
+    n.filter(|n| *n != 0 && *n != u32::MAX)
+        .ok_or_else(|| format!("{s:?} is not a mark (1 to 4294967294, decimal or 0x hex)"))
+}
+
+/// A routing table id other than the kernel's own (0 unspec, 253 default, 254 main,
+/// 255 local): the TPROXY local route must not land in a table the node uses.
+pub(super) fn route_table(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    s.parse::<u32>()
+        .ok()
+        .filter(|n| !matches!(n, 0 | 253..=255))
+        .ok_or_else(|| format!("{s:?} is not a usable routing table (1-4294967295 except 253-255)"))
 }
 
 /// `enabled` or `disabled`.

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::annotations::{cidr, get, interface, invalid, list, port, star_or};
-use super::{CaptureMode, Cidrs, Loopback, PlanError, Ports, RedirectPlan};
+use super::{CaptureMode, Cidrs, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
 
 /// Present on every pod the Istio injector has processed.
 pub const STATUS: &str = sluice_proto::annotations::ISTIO_STATUS;
@@ -45,18 +45,19 @@ pub fn keys() -> &'static [&'static str] {
     ]
 }
 
-/// The plan for an Istio-injected pod; `None` for interception mode NONE.
-pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Option<RedirectPlan>, PlanError> {
+/// The plan for an Istio-injected pod; `None` for interception mode NONE. TPROXY uses the
+/// agent's mark and table, Istio's 1337 and 133 unless the node configures others.
+pub(super) fn plan(
+    ann: &BTreeMap<String, String>,
+    defaults: &PlanDefaults,
+) -> Result<Option<RedirectPlan>, PlanError> {
     let mode = match ann.get(INTERCEPTION_MODE).map(|m| m.trim()) {
         None | Some("REDIRECT") => CaptureMode::Redirect,
+        Some("TPROXY") => CaptureMode::Tproxy {
+            mark: defaults.tproxy_mark,
+            table: defaults.tproxy_table,
+        },
         Some("NONE") => return Ok(None),
-        Some(other @ "TPROXY") => {
-            return Err(invalid(
-                INTERCEPTION_MODE,
-                other,
-                "TPROXY interception is not supported by this agent yet",
-            ));
-        }
         Some(other) => {
             return Err(invalid(
                 INTERCEPTION_MODE,
@@ -65,7 +66,12 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Option<RedirectPlan
             ));
         }
     };
-    let mut exclude_inbound_ports = vec![TUNNEL_PORT];
+    // In REDIRECT mode the tunnel port is excluded first (nat ISTIO_INBOUND); istio-cni's
+    // TPROXY rules exclude only the proxy ports in mangle (tproxy.txt.golden).
+    let mut exclude_inbound_ports = match mode {
+        CaptureMode::Redirect => vec![TUNNEL_PORT],
+        CaptureMode::Tproxy { .. } => Vec::new(),
+    };
     exclude_inbound_ports
         .extend(get(ann, EXCLUDE_INBOUND_PORTS, |v| list(v, port))?.unwrap_or_default());
     exclude_inbound_ports.extend(PROXY_PORTS);

@@ -7,7 +7,7 @@ mod linkerd;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -39,6 +39,52 @@ pub struct PlanError {
 pub enum CaptureMode {
     /// nat-table REDIRECT; the proxy reads the original destination with `SO_ORIGINAL_DST`.
     Redirect,
+    /// Inbound TCP is handed to the proxy's transparent listener without NAT (mangle-table
+    /// TPROXY, Istio's `interceptionMode: TPROXY`): the proxy sees the original source and
+    /// destination. Marked packets are routed locally by a policy rule `fwmark <mark> lookup
+    /// <table>` and `local default dev lo table <table>`. Outbound stays REDIRECT, as in Istio.
+    Tproxy {
+        /// The packet mark of diverted packets (Istio: 1337). `mark + 1` marks the proxy's
+        /// own connections to its pod over `lo`, as Istio does.
+        mark: u32,
+        /// The routing table of the local route (Istio: 133).
+        table: u32,
+    },
+}
+
+/// The IP families a plan captures, all in the one `inet` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    pub const DUAL: Families = Families {
+        ipv4: true,
+        ipv6: true,
+    };
+    pub const IPV4: Families = Families {
+        ipv4: true,
+        ipv6: false,
+    };
+    pub const IPV6: Families = Families {
+        ipv4: false,
+        ipv6: true,
+    };
+
+    /// The families of the pod's addresses. With no address known (no `prevResult`), both:
+    /// capturing a family the pod does not use costs nothing, missing one would leave the pod
+    /// uncaptured.
+    pub fn of(pod_ips: &[IpAddr]) -> Self {
+        if pod_ips.is_empty() {
+            return Families::DUAL;
+        }
+        Families {
+            ipv4: pod_ips.iter().any(IpAddr::is_ipv4),
+            ipv6: pod_ips.iter().any(IpAddr::is_ipv6),
+        }
+    }
 }
 
 /// A set of ports: every port, or exactly the listed ones (possibly none).
@@ -59,6 +105,8 @@ pub enum Cidrs {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RedirectPlan {
     pub mode: CaptureMode,
+    /// Which IP families are captured.
+    pub families: Families,
     /// Where outbound TCP is redirected (Istio: 15001).
     pub outbound_port: u16,
     /// Where inbound TCP is redirected (Istio: 15006).
@@ -102,6 +150,8 @@ pub enum Loopback {
         tunnel_port: u16,
         /// Source the proxy uses over `lo` for inbound passthrough (127.0.0.6).
         passthrough_source: Ipv4Addr,
+        /// The same for IPv6 (`::6`, which the agent adds to `lo` as Istio does).
+        passthrough_source6: Ipv6Addr,
     },
     /// Linkerd: all egress over `lo` is left alone.
     IgnoreAll,
@@ -113,6 +163,7 @@ impl Loopback {
         Loopback::Istio {
             tunnel_port: 15008,
             passthrough_source: Ipv4Addr::new(127, 0, 0, 6),
+            passthrough_source6: Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
         }
     }
 }
@@ -128,6 +179,7 @@ impl RedirectPlan {
     ) -> Self {
         RedirectPlan {
             mode: CaptureMode::Redirect,
+            families: Families::IPV4,
             outbound_port,
             inbound_port,
             proxy_uid,
@@ -163,6 +215,9 @@ pub struct PlanDefaults {
     pub proxy_uid: u32,
     pub proxy_gid: u32,
     pub exclude_inbound_ports: Vec<u16>,
+    /// TPROXY mark and routing table when a pod asks for TPROXY without naming them.
+    pub tproxy_mark: u32,
+    pub tproxy_table: u32,
     /// Read Istio's annotations (pods with `sidecar.istio.io/status`).
     pub istio: bool,
     /// Read Linkerd's annotations (pods with `linkerd.io/proxy-version`).
@@ -177,6 +232,8 @@ impl Default for PlanDefaults {
             proxy_uid: 1337,
             proxy_gid: 1337,
             exclude_inbound_ports: vec![15008, 15020, 15021, 15090],
+            tproxy_mark: 1337,
+            tproxy_table: 133,
             istio: true,
             linkerd: true,
         }
@@ -219,7 +276,10 @@ pub enum Decision {
     Skip { reason: String },
 }
 
-/// Decides a pod's capture from its annotations. Pure: same input, same output.
+/// Decides a pod's capture from its annotations and addresses. Pure: same input, same output.
+///
+/// The captured IP families follow the pod's addresses (see [`Families::of`]) unless
+/// `sluice.dev/ip-families` names them.
 ///
 /// `sluice.dev/redirect: disabled` always skips. Otherwise a pod injected by a mesh whose
 /// profile is enabled gets that mesh's plan, and a pod with `sluice.dev/redirect: enabled`
@@ -227,6 +287,7 @@ pub enum Decision {
 /// overrides the corresponding field (native annotations win over profile annotations).
 pub fn decide(
     annotations: &BTreeMap<String, String>,
+    pod_ips: &[IpAddr],
     defaults: &PlanDefaults,
 ) -> Result<Decision, PlanError> {
     let opted_in = match annotations::redirect(annotations)? {
@@ -244,7 +305,7 @@ pub fn decide(
                 reason: "istio profile is disabled in the agent configuration".into(),
             });
         }
-        istio::plan(annotations)?.map(|p| (p, Profile::Istio))
+        istio::plan(annotations, defaults)?.map(|p| (p, Profile::Istio))
     } else if linkerd::injected(annotations) {
         if !defaults.linkerd {
             return Ok(Decision::Skip {
@@ -264,7 +325,8 @@ pub fn decide(
             reason: "the mesh's interception mode is NONE".into(),
         });
     };
-    annotations::apply_overrides(annotations, &mut plan)?;
+    plan.families = Families::of(pod_ips);
+    annotations::apply_overrides(annotations, defaults, &mut plan)?;
     Ok(Decision::Capture { plan, profile })
 }
 

@@ -2,6 +2,13 @@ use std::collections::BTreeMap;
 
 use super::*;
 
+/// A pod with one IPv4 address: plans capture IPv4 only.
+const POD_V4: &[IpAddr] = &[IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2))];
+
+fn decide4(ann: &BTreeMap<String, String>, defaults: &PlanDefaults) -> Result<Decision, PlanError> {
+    decide(ann, POD_V4, defaults)
+}
+
 fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -12,7 +19,7 @@ fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 fn plan(pairs: &[(&str, &str)]) -> RedirectPlan {
     let mut all = vec![("sluice.dev/redirect", "enabled")];
     all.extend_from_slice(pairs);
-    match decide(&ann(&all), &PlanDefaults::default()) {
+    match decide4(&ann(&all), &PlanDefaults::default()) {
         Ok(Decision::Capture { plan, profile }) => {
             assert_eq!(profile, Profile::Native);
             plan
@@ -22,17 +29,17 @@ fn plan(pairs: &[(&str, &str)]) -> RedirectPlan {
 }
 
 fn error(pairs: &[(&str, &str)]) -> PlanError {
-    decide(&ann(pairs), &PlanDefaults::default()).expect_err("expected an invalid annotation")
+    decide4(&ann(pairs), &PlanDefaults::default()).expect_err("expected an invalid annotation")
 }
 
 #[test]
 fn no_annotation_or_disabled_skips() {
     assert!(matches!(
-        decide(&ann(&[]), &PlanDefaults::default()),
+        decide4(&ann(&[]), &PlanDefaults::default()),
         Ok(Decision::Skip { .. })
     ));
     assert!(matches!(
-        decide(
+        decide4(
             &ann(&[
                 ("sluice.dev/redirect", "disabled"),
                 ("sluice.dev/outbound-port", "bad")
@@ -155,7 +162,7 @@ fn other_annotations_are_ignored_and_fingerprints_are_stable() {
 }
 
 fn decide_with(pairs: &[(&str, &str)], defaults: &PlanDefaults) -> Decision {
-    decide(&ann(pairs), defaults).expect("valid annotations")
+    decide4(&ann(pairs), defaults).expect("valid annotations")
 }
 
 const ISTIO: (&str, &str) = (
@@ -375,4 +382,92 @@ fn sysctls_are_allow_listed_and_normalised() {
         ]);
         assert_eq!(e.annotation, "sluice.dev/sysctls", "{bad}");
     }
+}
+
+#[test]
+fn families_follow_pod_ips_unless_forced() {
+    let on = ann(&[("sluice.dev/redirect", "enabled")]);
+    let fams = |ips: &[IpAddr], a: &BTreeMap<String, String>| match decide(
+        a,
+        ips,
+        &PlanDefaults::default(),
+    ) {
+        Ok(Decision::Capture { plan, .. }) => plan.families,
+        other => panic!("{other:?}"),
+    };
+    let v6: IpAddr = "fd00::2".parse().expect("v6");
+    assert_eq!(fams(POD_V4, &on), Families::IPV4);
+    assert_eq!(fams(&[v6], &on), Families::IPV6);
+    assert_eq!(fams(&[POD_V4[0], v6], &on), Families::DUAL);
+    assert_eq!(
+        fams(&[], &on),
+        Families::DUAL,
+        "unknown addresses: capture both"
+    );
+    let mut forced = on.clone();
+    forced.insert("sluice.dev/ip-families".into(), "dual".into());
+    assert_eq!(fams(POD_V4, &forced), Families::DUAL);
+    forced.insert("sluice.dev/ip-families".into(), "ipv5".into());
+    assert!(decide(&forced, POD_V4, &PlanDefaults::default()).is_err());
+}
+
+#[test]
+fn tproxy_mode_native_and_istio() {
+    assert_eq!(
+        plan(&[("sluice.dev/mode", "tproxy")]).mode,
+        CaptureMode::Tproxy {
+            mark: 1337,
+            table: 133
+        }
+    );
+    assert_eq!(
+        plan(&[
+            ("sluice.dev/mode", "tproxy"),
+            ("sluice.dev/tproxy-mark", "0x100"),
+            ("sluice.dev/tproxy-table", "200"),
+        ])
+        .mode,
+        CaptureMode::Tproxy {
+            mark: 256,
+            table: 200
+        }
+    );
+    for (k, v) in [
+        ("sluice.dev/mode", "tprox"),
+        ("sluice.dev/tproxy-mark", "0"),
+        ("sluice.dev/tproxy-table", "254"),
+    ] {
+        let e = error(&[
+            ("sluice.dev/redirect", "enabled"),
+            (
+                "sluice.dev/mode",
+                if k == "sluice.dev/mode" { v } else { "tproxy" },
+            ),
+            (k, v),
+        ]);
+        assert_eq!(e.annotation, k, "{e}");
+    }
+    let e = error(&[
+        ("sluice.dev/redirect", "enabled"),
+        ("sluice.dev/tproxy-mark", "7"),
+    ]);
+    assert!(e.reason.contains("mode: tproxy"), "{e}");
+    let Ok(Decision::Capture { plan, profile }) = decide4(
+        &ann(&[
+            ("sidecar.istio.io/status", "{}"),
+            ("sidecar.istio.io/interceptionMode", "TPROXY"),
+        ]),
+        &PlanDefaults::default(),
+    ) else {
+        panic!("istio TPROXY captures");
+    };
+    assert_eq!(profile, Profile::Istio);
+    assert_eq!(
+        plan.mode,
+        CaptureMode::Tproxy {
+            mark: 1337,
+            table: 133
+        }
+    );
+    assert_eq!(plan.exclude_inbound_ports, vec![15020, 15021, 15090]);
 }

@@ -5,7 +5,10 @@ use std::fmt::Write;
 
 use ipnet::IpNet;
 
-use super::{Base, Hook, Match, Op, PRIORITY_DSTNAT, Rule, Ruleset, TABLE, Verdict};
+use super::{
+    Base, Family, Hook, Kind, Match, Op, PRIORITY_DSTNAT, PRIORITY_MANGLE, Rule, Ruleset, TABLE,
+    Verdict,
+};
 
 pub(super) fn script(rs: &Ruleset) -> String {
     // `add` + `delete` first makes the replace atomic and work whether or not the table
@@ -27,7 +30,12 @@ pub(super) fn listing(rs: &Ruleset) -> String {
         if let Some(base) = chain.base {
             let _ = writeln!(
                 out,
-                "\t\ttype nat hook {} priority {}; policy accept;",
+                "\t\ttype {} hook {} priority {}; policy accept;",
+                match base.kind {
+                    Kind::Nat => "nat",
+                    Kind::Filter => "filter",
+                    Kind::Route => "route",
+                },
                 base.hook,
                 priority(base)
             );
@@ -45,6 +53,7 @@ pub(super) fn listing(rs: &Ruleset) -> String {
 fn priority(base: Base) -> String {
     match (base.hook, base.priority) {
         (Hook::Prerouting, PRIORITY_DSTNAT) => "dstnat".to_owned(),
+        (_, PRIORITY_MANGLE) => "mangle".to_owned(),
         (_, p) => p.to_string(),
     }
 }
@@ -65,10 +74,19 @@ fn net(n: &IpNet) -> String {
 }
 
 fn family(n: &IpNet) -> &'static str {
-    match n {
-        IpNet::V4(_) => "ip",
-        IpNet::V6(_) => "ip6",
+    family_name(Family::of(n))
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
     }
+}
+
+/// Marks print as nft prints them: zero-padded hex.
+fn mark(m: u32) -> String {
+    format!("0x{m:08x}")
 }
 
 pub(super) fn rule(r: &Rule) -> String {
@@ -76,7 +94,11 @@ pub(super) fn rule(r: &Rule) -> String {
         .matches
         .iter()
         .map(|m| match m {
-            Match::Ipv4 => "meta nfproto ipv4".to_owned(),
+            Match::NfProto(Family::V4) => "meta nfproto ipv4".to_owned(),
+            Match::NfProto(Family::V6) => "meta nfproto ipv6".to_owned(),
+            Match::Mark(o, m) => format!("meta mark {}{}", op(*o), mark(*m)),
+            Match::CtMark(o, m) => format!("ct mark {}{}", op(*o), mark(*m)),
+            Match::CtEstablishedOrRelated => "ct state established,related".to_owned(),
             Match::L4Proto(l4) => format!("meta l4proto {}", l4.name()),
             Match::IifName(o, name) => format!("iifname {}{name:?}", op(*o)),
             Match::OifName(o, name) => format!("oifname {}{name:?}", op(*o)),
@@ -91,6 +113,25 @@ pub(super) fn rule(r: &Rule) -> String {
         Verdict::Return => "return".to_owned(),
         Verdict::Jump(chain) => format!("jump {chain}"),
         Verdict::Redirect(port) => format!("redirect to :{port}"),
+        Verdict::SetMark(m) => format!("meta mark set {}", mark(*m)),
+        Verdict::MarkAccept(m) => format!("meta mark set {} accept", mark(*m)),
+        Verdict::Tproxy { port, mark: m } => {
+            // nft needs the family where the rule has an address match; our TPROXY rules
+            // always have one (`daddr != localhost`).
+            let fam = r
+                .matches
+                .iter()
+                .find_map(|m| match m {
+                    Match::Daddr(_, n) | Match::Saddr(_, n) => Some(family(n)),
+                    Match::NfProto(f) => Some(family_name(*f)),
+                    _ => None,
+                })
+                .map_or(String::new(), |f| format!("{f} "));
+            format!("tproxy {fam}to :{port} meta mark set {} accept", mark(*m))
+        }
+        Verdict::SaveMark => "ct mark set meta mark".to_owned(),
+        Verdict::RestoreMark => "meta mark set ct mark".to_owned(),
+        Verdict::Drop => "drop".to_owned(),
     });
     parts.join(" ")
 }
