@@ -1,6 +1,7 @@
 # sluice — run as root on Debian 12. Targets install missing Debian packages first.
 CARGO ?= cargo
-DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make runc busybox-static
+DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make runc busybox-static \
+  containerd containernetworking-plugins umoci
 
 .PHONY: deps build demo test lint bench bench-quick clean
 

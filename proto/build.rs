@@ -9,5 +9,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &["sluice/v1/agent.proto"],
         &["."],
     )?;
+    if std::env::var_os("CARGO_FEATURE_CRI").is_some() {
+        let mut config = prost_build::Config::new();
+        config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+        tonic_prost_build::configure()
+            .build_server(false)
+            .compile_with_config(config, &["cri/runtime/v1/api.proto"], &["cri"])?;
+    }
     Ok(())
 }

@@ -7,6 +7,13 @@ pub mod v1 {
     tonic::include_proto!("sluice.v1");
 }
 
+/// A CRI v1 client (`runtime.v1.RuntimeService` / `ImageService`), generated from the vendored
+/// Kubernetes CRI API; only with feature `cri` (tests and benchmark drive containerd with it).
+#[cfg(feature = "cri")]
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
+
 /// Response metadata key naming the input an `InvalidArgument` status is about, e.g.
 /// `annotation:sluice.dev/outbound-port` or `netns`.
 pub const FIELD_METADATA_KEY: &str = "sluice-field";

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cri;
+
 use nix::sched::{CloneFlags, setns};
 use nix::unistd::{Gid, Uid};
 
@@ -69,6 +71,8 @@ pub fn bin(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    /// Deleted on drop (false for a namespace someone else owns, e.g. containerd's).
+    owned: bool,
 }
 
 impl Netns {
@@ -78,6 +82,19 @@ impl Netns {
         sh(&["ip", "netns", "add", name]);
         Netns {
             name: name.to_owned(),
+            owned: true,
+        }
+    }
+
+    /// A handle on an existing `/var/run/netns/NAME` owned by someone else (not deleted).
+    pub fn existing(path: &str) -> Self {
+        let name = path
+            .strip_prefix("/var/run/netns/")
+            .or_else(|| path.strip_prefix("/run/netns/"))
+            .unwrap_or_else(|| panic!("{path} is not a named netns"));
+        Netns {
+            name: name.to_owned(),
+            owned: false,
         }
     }
 
@@ -123,6 +140,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();

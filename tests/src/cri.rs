@@ -1,0 +1,572 @@
+//! An isolated containerd with its CRI plugin, for tests and the pod-level benchmark: its own
+//! root, state, socket, CNI bin and conf dirs and bridge under a temporary directory, a conflist
+//! of `bridge` + `host-local` (Debian's containernetworking-plugins), optionally chained with
+//! `sluice-cni` declaring the pod-annotations capability, and a local busybox image built with
+//! umoci (no registry). Everything is stopped and removed on drop, also when a test panics.
+//!
+//! Facts this rests on (checked on this kind of machine): `restrict_oom_score_adj = true` is
+//! required because root lacks CAP_SYS_RESOURCE; containerd passes pod annotations only to
+//! plugins that declare the capability; DEL comes twice (Stop with the netns, Remove without).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sluice_proto::cri::image_service_client::ImageServiceClient;
+use sluice_proto::cri::runtime_service_client::RuntimeServiceClient;
+use sluice_proto::cri::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
+    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListImagesRequest, ListPodSandboxRequest, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest, VersionRequest,
+};
+use tonic::transport::Channel;
+
+use crate::{bin, sh, wait_for};
+
+/// Where Debian's containernetworking-plugins put the reference plugins.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+/// The image every sandbox and test container uses (busybox-static, built locally).
+pub const IMAGE: &str = "localhost/sluice-test:1.0";
+
+/// Serializes containerd instances within one test binary: each is heavy, and 2 cores do not
+/// run several well at once.
+pub static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// How the CNI chain looks.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    /// Chain `sluice-cni` after bridge with this agent socket; `None` for bridge alone.
+    pub agent_socket: Option<String>,
+    /// Distinguishes bridges and subnets of instances that might coexist (0-50).
+    pub index: u8,
+}
+
+#[derive(Debug)]
+pub struct Containerd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub bridge: String,
+    pub subnet: String,
+    rt: tokio::runtime::Runtime,
+    runtime: RuntimeServiceClient<Channel>,
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// The conflist: bridge + host-local, then sluice-cni if asked.
+pub fn conflist(chain: &Chain, ipam_dir: &Path) -> serde_json::Value {
+    let bridge = format!("slbr{}", chain.index);
+    let subnet = format!("10.{}.0.0/24", 200 + u16::from(chain.index));
+    let mut plugins = vec![serde_json::json!({
+        "type": "bridge",
+        "bridge": bridge,
+        "isGateway": true,
+        "ipMasq": false,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": subnet}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": ipam_dir,
+        },
+    })];
+    if let Some(socket) = &chain.agent_socket {
+        plugins.push(serde_json::json!({
+            "type": "sluice-cni",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+            "agentSocket": socket,
+            "timeoutMs": 5000,
+        }));
+    }
+    serde_json::json!({"cniVersion": "1.0.0", "name": "sluice-test", "plugins": plugins})
+}
+
+fn config_toml(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+"#
+    )
+}
+
+/// Builds the busybox image as an OCI layout tarball with umoci (once per directory).
+fn build_image(dir: &Path) -> PathBuf {
+    let tar = dir.join("image.tar");
+    let rootfs = dir.join("image-rootfs");
+    let layout = dir.join("image-oci");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("image rootfs");
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("copy /bin/busybox (Debian busybox-static)");
+    let image = format!("{}:1.0", layout.display());
+    let s = |p: &Path| p.display().to_string();
+    sh(&["umoci", "init", "--layout", &s(&layout)]);
+    sh(&["umoci", "new", "--image", &image]);
+    sh(&[
+        "umoci",
+        "insert",
+        "--image",
+        &image,
+        &s(&rootfs.join("bin")),
+        "/bin",
+    ]);
+    sh(&[
+        "umoci",
+        "config",
+        "--image",
+        &image,
+        "--config.entrypoint",
+        "/bin/busybox",
+        "--config.cmd",
+        "sleep",
+        "--config.cmd",
+        "2147483647",
+    ]);
+    sh(&["tar", "-C", &s(&layout), "-cf", &s(&tar), "."]);
+    tar
+}
+
+impl Containerd {
+    /// Starts containerd and imports the test image; panics with containerd's log if it does
+    /// not come up.
+    pub fn start(name: &str, chain: &Chain) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-cri-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["root", "state", "cni/bin", "cni/conf", "ipam", "logs"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("containerd dirs");
+        }
+        for plugin in ["bridge", "host-local", "loopback"] {
+            std::os::unix::fs::symlink(
+                Path::new(REFERENCE_PLUGINS).join(plugin),
+                dir.join("cni/bin").join(plugin),
+            )
+            .expect("link reference plugin");
+        }
+        std::os::unix::fs::symlink(bin("sluice-cni"), dir.join("cni/bin/sluice-cni"))
+            .expect("link sluice-cni");
+        write(
+            &dir.join("cni/conf/10-sluice-test.conflist"),
+            &conflist(chain, &dir.join("ipam")).to_string(),
+        );
+        write(&dir.join("config.toml"), &config_toml(&dir));
+        let socket = dir.join("containerd.sock");
+        let log = dir.join("containerd.log");
+        let logfile = std::fs::File::create(&log).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning containerd (Debian package containerd): {e}"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut me = Containerd {
+            child: Some(child),
+            dir,
+            socket,
+            log,
+            bridge: format!("slbr{}", chain.index),
+            subnet: format!("10.{}.0.0/24", 200 + u16::from(chain.index)),
+            runtime: rt.block_on(async {
+                RuntimeServiceClient::new(Endpoint::lazy("unix:///nonexistent"))
+            }),
+            rt,
+        };
+        me.wait_ready();
+        me.import_image();
+        me
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "containerd: {what}\n--- last lines of {} ---\n{}",
+            self.log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.fail(&format!("exited during start-up with {status}"));
+            }
+            if self.socket.exists() {
+                let channel = self.rt.block_on(Endpoint::connect(&self.socket));
+                if let Ok(channel) = channel {
+                    let mut client = RuntimeServiceClient::new(channel);
+                    let version = self.rt.block_on(client.version(VersionRequest::default()));
+                    if version.is_ok() {
+                        self.runtime = client;
+                        return;
+                    }
+                }
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                self.fail("its CRI service did not answer within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn import_image(&mut self) {
+        let tar = build_image(&self.dir);
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["-n", "k8s.io", "images", "import", "--base-name"])
+            .arg(IMAGE.trim_end_matches(":1.0"))
+            .arg(&tar)
+            .output()
+            .expect("ctr images import");
+        if !out.status.success() {
+            self.fail(&format!(
+                "importing the test image failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let channel = self.runtime_channel();
+        let images = self.rt.block_on(async {
+            ImageServiceClient::new(channel)
+                .list_images(ListImagesRequest::default())
+                .await
+        });
+        let found = images.is_ok_and(|r| {
+            r.into_inner()
+                .images
+                .iter()
+                .any(|i| i.repo_tags.iter().any(|t| t == IMAGE))
+        });
+        if !found {
+            self.fail(&format!("{IMAGE} is not listed by the CRI image service"));
+        }
+    }
+
+    fn runtime_channel(&self) -> Channel {
+        self.rt
+            .block_on(Endpoint::connect(&self.socket))
+            .unwrap_or_else(|e| self.fail(&format!("connecting: {e}")))
+    }
+
+    /// A CRI runtime client for use on another thread's tokio runtime (a channel's worker
+    /// lives on the runtime that created it).
+    pub async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(
+            Endpoint::connect(socket)
+                .await
+                .expect("connect to containerd"),
+        )
+    }
+
+    /// Runs a future on this harness's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// RunPodSandbox with these annotations; the sandbox id or containerd's error message.
+    pub fn run_pod(&self, name: &str, annotations: &[(&str, &str)]) -> Result<String, String> {
+        let mut client = self.runtime.clone();
+        let req = pod_request(name, annotations, &self.dir.join("logs"));
+        self.rt
+            .block_on(client.run_pod_sandbox(req))
+            .map(|r| r.into_inner().pod_sandbox_id)
+            .map_err(|s| s.message().to_owned())
+    }
+
+    /// StopPodSandbox then RemovePodSandbox, each must succeed.
+    pub fn stop_and_remove(&self, id: &str) -> Result<(), String> {
+        let mut client = self.runtime.clone();
+        self.rt.block_on(async {
+            client
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: id.to_owned(),
+                })
+                .await
+                .map_err(|s| format!("StopPodSandbox: {}", s.message()))?;
+            client
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: id.to_owned(),
+                })
+                .await
+                .map_err(|s| format!("RemovePodSandbox: {}", s.message()))?;
+            Ok(())
+        })
+    }
+
+    /// The ids of the sandboxes containerd knows, by pod name.
+    pub fn sandboxes(&self) -> HashMap<String, String> {
+        let mut client = self.runtime.clone();
+        self.rt
+            .block_on(client.list_pod_sandbox(ListPodSandboxRequest::default()))
+            .map(|r| {
+                r.into_inner()
+                    .items
+                    .into_iter()
+                    .map(|s| (s.metadata.map(|m| m.name).unwrap_or_default(), s.id))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The sandbox's network namespace path, from its verbose status (runtime spec).
+    pub fn netns_of(&self, id: &str) -> String {
+        let mut client = self.runtime.clone();
+        let status = self
+            .rt
+            .block_on(
+                client.pod_sandbox_status(sluice_proto::cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.to_owned(),
+                    verbose: true,
+                }),
+            )
+            .unwrap_or_else(|s| self.fail(&format!("PodSandboxStatus {id}: {}", s.message())))
+            .into_inner();
+        let info: serde_json::Value = status
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or_else(|| self.fail("PodSandboxStatus has no verbose info"));
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.fail(&format!("no network namespace path for {id}")))
+    }
+
+    /// Creates and starts a busybox container (`sleep`) in the sandbox, as `uid`.
+    pub fn start_container(&self, sandbox: &str, pod: &str, name: &str, uid: i64) -> String {
+        let mut client = self.runtime.clone();
+        let config = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.to_owned(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: IMAGE.to_owned(),
+                ..Default::default()
+            }),
+            command: vec!["/bin/busybox".into(), "sleep".into(), "3600".into()],
+            log_path: format!("{name}.log"),
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    run_as_user: Some(sluice_proto::cri::Int64Value { value: uid }),
+                    namespace_options: Some(NamespaceOption::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let sandbox_config = pod_request(pod, &[], &self.dir.join("logs")).config;
+        self.rt.block_on(async {
+            let id = client
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: sandbox.to_owned(),
+                    config: Some(config),
+                    sandbox_config,
+                })
+                .await
+                .unwrap_or_else(|s| panic!("CreateContainer: {}", s.message()))
+                .into_inner()
+                .container_id;
+            client
+                .start_container(StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("StartContainer: {}", s.message()));
+            id
+        })
+    }
+
+    /// ExecSync in a container: (exit code, stdout, stderr).
+    pub fn exec(&self, container: &str, cmd: &[&str]) -> (i32, String, String) {
+        let mut client = self.runtime.clone();
+        let r = self
+            .rt
+            .block_on(client.exec_sync(ExecSyncRequest {
+                container_id: container.to_owned(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 10,
+            }))
+            .unwrap_or_else(|s| panic!("ExecSync {cmd:?}: {}", s.message()))
+            .into_inner();
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    }
+
+    /// Removes every sandbox containerd still has (best effort).
+    pub fn remove_all(&self) {
+        for id in self.sandboxes().into_values() {
+            let _ = self.stop_and_remove(&id);
+        }
+    }
+}
+
+/// A RunPodSandbox request the way kubelet shapes it (pod network namespace, annotations).
+pub fn pod_request(name: &str, annotations: &[(&str, &str)], logs: &Path) -> RunPodSandboxRequest {
+    RunPodSandboxRequest {
+        config: Some(PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.to_owned(),
+                uid: format!("uid-{name}"),
+                namespace: "default".to_owned(),
+                attempt: 0,
+            }),
+            hostname: name.to_owned(),
+            log_directory: logs.join(name).display().to_string(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        runtime_handler: String::new(),
+    }
+}
+
+/// Channel construction over a unix socket (tonic connects to `unix://` natively).
+struct Endpoint;
+
+impl Endpoint {
+    async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+        tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+
+    fn lazy(uri: &'static str) -> Channel {
+        tonic::transport::Endpoint::from_static(uri).connect_lazy()
+    }
+}
+
+/// Processes whose command line mentions `needle` (containerd's shims name its socket).
+fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    mounts
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.remove_all();
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shims outlive containerd by design; ours name our socket.
+        for pid in pids_mentioning(&self.socket.display().to_string()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for m in mounts_below(&self.dir) {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        if std::thread::panicking() {
+            eprintln!(
+                "containerd log kept at {} (directory {})",
+                self.log.display(),
+                self.dir.display()
+            );
+            // Keep the log, drop the rest.
+            let keep = std::env::temp_dir().join(format!(
+                "{}.log",
+                self.dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("containerd")
+            ));
+            let _ = std::fs::copy(&self.log, keep);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until `path` exists (e.g. a socket), for tests that restart things.
+pub fn wait_for_path(path: &Path) {
+    wait_for(
+        &format!("{}", path.display()),
+        Duration::from_secs(10),
+        || path.exists(),
+    );
+}
