@@ -6,6 +6,7 @@
 
 mod env;
 mod methods;
+mod pod;
 mod report;
 mod runc;
 mod stats;
@@ -41,7 +42,11 @@ struct Args {
     /// Untimed warm-up samples per method [default: 10, quick: 3].
     #[arg(long)]
     warmup: Option<usize>,
-    /// Only these methods (by id, repeatable) and no sweeps: for profiling one path.
+    /// Pod-level rounds (A, B and C each) through containerd's CRI [default: 100, quick: 5].
+    #[arg(long)]
+    pod_samples: Option<usize>,
+    /// Only these methods (by id, repeatable; `pod` for the pod-level benchmark) and no
+    /// sweeps: for profiling one path.
     #[arg(long = "only")]
     only: Vec<String>,
     #[command(subcommand)]
@@ -172,7 +177,32 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    // 3. Node population: one more attach with 0, 100, 1000 pods already attached.
+    // 3. Pod level: RunPodSandbox with sluice vs sandbox + init container vs sandbox alone.
+    let mut pod = None;
+    if sweeps || args.only.iter().any(|o| o == "pod") {
+        let n = args.pod_samples.unwrap_or(if args.quick { 5 } else { 100 });
+        let w = if args.quick { 1 } else { 5 };
+        let pb = bar(w + n, "pod: A, B, C rounds");
+        let samples = pod::run(&runner.agent.socket_str(), w, n, &pb)?;
+        pb.finish();
+        for (id, list) in [
+            ("sandbox+sluice", &samples.a),
+            ("sandbox+init", &samples.b),
+            ("sandbox", &samples.c),
+        ] {
+            all_samples.extend(list.iter().enumerate().map(|(i, d)| Sample {
+                sweep: "pod",
+                method: id.to_owned(),
+                concurrency: 1,
+                pods: 0,
+                index: i,
+                ms: d.as_secs_f64() * 1e3,
+            }));
+        }
+        pod = Some(samples.result());
+    }
+
+    // 4. Node population: one more attach with 0, 100, 1000 pods already attached.
     let mut population = Vec::new();
     let mut background: Vec<Netns> = Vec::new();
     for pods in POPULATION.into_iter().filter(|_| sweeps) {
@@ -228,6 +258,7 @@ fn main() -> anyhow::Result<()> {
         methods,
         concurrency,
         population,
+        pod,
         rss,
     };
     report.write(&args.out, &all_samples)?;

@@ -56,6 +56,7 @@ pub struct Report {
     pub methods: Vec<MethodResult>,
     pub concurrency: Vec<ConcurrencyResult>,
     pub population: Vec<PopulationResult>,
+    pub pod: Option<crate::pod::PodResult>,
     pub rss: Rss,
 }
 
@@ -154,6 +155,45 @@ impl Report {
                 f(s.map(|s| s.p99_ms)),
                 p.ratio_p50_to_empty
                     .map_or("–".to_owned(), |r| format!("{r:.2}"))
+            );
+        }
+        if let Some(p) = &self.pod {
+            let _ = writeln!(
+                out,
+                "\n| pod network ready (containerd CRI) | n | p50 ms | p90 ms | p99 ms |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+            for (name, s) in [
+                ("A: RunPodSandbox with sluice", p.with_sluice),
+                (
+                    "B: RunPodSandbox + istio-init container",
+                    p.with_init_container,
+                ),
+                ("C: RunPodSandbox, no capture", p.no_capture),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {} | {} | {} |",
+                    s.map_or(0, |s| s.n),
+                    f(s.map(|s| s.p50_ms)),
+                    f(s.map(|s| s.p90_ms)),
+                    f(s.map(|s| s.p99_ms))
+                );
+            }
+            let [a50, a90, a99] = p.sluice_overhead_ms;
+            let [b50, b90, b99] = p.init_overhead_ms;
+            let _ = writeln!(
+                out,
+                "| capture overhead A − C | | {a50:.2} | {a90:.2} | {a99:.2} |"
+            );
+            let _ = writeln!(
+                out,
+                "| capture overhead B − C | | {b50:.2} | {b90:.2} | {b99:.2} |"
+            );
+            let _ = writeln!(
+                out,
+                "\nB / A at p50: {:.2}× (targets: A − C ≤ 5 ms at p50, B / A ≥ 1.5).",
+                p.init_over_sluice_p50
             );
         }
         let kib = |v: Option<u64>| {

@@ -119,26 +119,31 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     )
 }
 
-/// Builds the busybox image as an OCI layout tarball with umoci (once per directory).
+/// Builds the busybox image as an OCI layout tarball with umoci (once per directory). Besides
+/// busybox it has the merged-/usr links (`/lib`, `/lib64`, `/sbin` → `/usr/...`), so a
+/// container with the host's `/usr` mounted read-only can run the host's iptables, as an
+/// istio-init container would.
 fn build_image(dir: &Path) -> PathBuf {
     let tar = dir.join("image.tar");
     let rootfs = dir.join("image-rootfs");
     let layout = dir.join("image-oci");
-    std::fs::create_dir_all(rootfs.join("bin")).expect("image rootfs");
+    for d in ["bin", "usr", "rules", "tmp", "run"] {
+        std::fs::create_dir_all(rootfs.join(d)).expect("image rootfs");
+    }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .expect("copy /bin/busybox (Debian busybox-static)");
+    for (link, to) in [
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("sbin", "usr/sbin"),
+    ] {
+        std::os::unix::fs::symlink(to, rootfs.join(link)).expect("image link");
+    }
     let image = format!("{}:1.0", layout.display());
     let s = |p: &Path| p.display().to_string();
     sh(&["umoci", "init", "--layout", &s(&layout)]);
     sh(&["umoci", "new", "--image", &image]);
-    sh(&[
-        "umoci",
-        "insert",
-        "--image",
-        &image,
-        &s(&rootfs.join("bin")),
-        "/bin",
-    ]);
+    sh(&["umoci", "insert", "--image", &image, &s(&rootfs), "/"]);
     sh(&[
         "umoci",
         "config",
@@ -413,6 +418,53 @@ impl Containerd {
                 .await
                 .unwrap_or_else(|s| panic!("StartContainer: {}", s.message()));
             id
+        })
+    }
+
+    /// Creates and starts a container from `config` in the sandbox and waits for it to exit
+    /// (polling its status every millisecond, as fast as a kubelet could notice); returns its
+    /// exit code or the CRI error.
+    pub fn run_to_exit(
+        &self,
+        sandbox: &str,
+        pod: &str,
+        config: ContainerConfig,
+    ) -> Result<i32, String> {
+        let mut client = self.runtime.clone();
+        let sandbox_config = pod_request(pod, &[], &self.dir.join("logs")).config;
+        self.rt.block_on(async {
+            let id = client
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: sandbox.to_owned(),
+                    config: Some(config),
+                    sandbox_config,
+                })
+                .await
+                .map_err(|s| format!("CreateContainer: {}", s.message()))?
+                .into_inner()
+                .container_id;
+            client
+                .start_container(StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .map_err(|s| format!("StartContainer: {}", s.message()))?;
+            loop {
+                let status = client
+                    .container_status(sluice_proto::cri::ContainerStatusRequest {
+                        container_id: id.clone(),
+                        verbose: false,
+                    })
+                    .await
+                    .map_err(|s| format!("ContainerStatus: {}", s.message()))?
+                    .into_inner()
+                    .status
+                    .ok_or("ContainerStatus without a status")?;
+                if status.state == sluice_proto::cri::ContainerState::ContainerExited as i32 {
+                    return Ok(status.exit_code);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         })
     }
 
