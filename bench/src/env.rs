@@ -93,6 +93,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join("agent.sock");
         let child = Command::new(bin("sluice-agent")?)
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .arg("--socket")
             .arg(&socket)
             .env("RUST_LOG", "warn")

@@ -29,6 +29,19 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Node-wide plan defaults (ports, proxy uid/gid).
     pub plan: PlanDefaults,
+    /// Prometheus endpoint; `None` serves none.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Install into the node's CNI dirs at start-up and keep the chain in place.
+    pub install: Option<NodeInstall>,
+}
+
+/// The long-running agent's node install.
+#[derive(Debug, Clone)]
+pub struct NodeInstall {
+    pub installer: crate::install::Installer,
+    /// Uninstall on SIGTERM. Off by default: a rolling upgrade must not open a window where
+    /// pods start uncaptured or a DEL finds no plugin.
+    pub uninstall_on_exit: bool,
 }
 
 impl Default for AgentConfig {
@@ -39,6 +52,8 @@ impl Default for AgentConfig {
             allow_uids: vec![0],
             log_format: LogFormat::Text,
             plan: PlanDefaults::default(),
+            metrics_addr: crate::metrics::DEFAULT_ADDR.parse().ok(),
+            install: None,
         }
     }
 }
@@ -51,6 +66,8 @@ pub struct FileConfig {
     pub netns_roots: Option<Vec<String>>,
     pub allow_uids: Option<Vec<u32>>,
     pub log_format: Option<LogFormat>,
+    /// Prometheus endpoint address, or "off".
+    pub metrics_addr: Option<String>,
     pub outbound_port: Option<u16>,
     pub inbound_port: Option<u16>,
     pub proxy_uid: Option<u32>,
@@ -91,6 +108,15 @@ impl FileConfig {
             path: path.into(),
             source: Box::new(source),
         })?;
+        if let Some(a) = file.metrics_addr.as_deref()
+            && a != "off"
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: format!("metrics-addr {a:?} is not host:port or \"off\""),
+            });
+        }
         if file.tproxy_mark.is_some_and(|m| m == 0 || m == u32::MAX) {
             return Err(ConfigError::Invalid {
                 path: path.into(),
@@ -133,6 +159,9 @@ impl FileConfig {
         }
         if let Some(v) = self.log_format {
             cfg.log_format = v;
+        }
+        if let Some(v) = self.metrics_addr {
+            cfg.metrics_addr = v.parse().ok();
         }
         let p = &mut cfg.plan;
         p.outbound_port = self.outbound_port.unwrap_or(p.outbound_port);

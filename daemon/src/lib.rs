@@ -9,10 +9,13 @@
 
 pub mod config;
 pub mod device;
+pub mod install;
 pub mod logging;
+pub mod metrics;
 pub mod netns;
 pub mod nft;
 pub mod plan;
+pub mod privileges;
 pub mod program;
 pub mod registry;
 pub mod ruleset;

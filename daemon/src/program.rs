@@ -44,6 +44,7 @@ pub fn attach(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError
         return Err(ProgramError::Device(e));
     }
     Ok(Timings {
+        replaced,
         nft_us: (nft_done - start).as_micros() as u64,
         device_us: nft_done.elapsed().as_micros() as u64,
     })
@@ -52,6 +53,8 @@ pub fn attach(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError
 /// Where an attach spent its time inside the pod's namespace (logged per attach).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timings {
+    /// An existing sluice table was atomically replaced (a re-ADD).
+    pub replaced: bool,
     pub nft_us: u64,
     pub device_us: u64,
 }

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use sluice_proto::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
@@ -12,8 +13,9 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
 use crate::config::AgentConfig;
+use crate::metrics::Metrics;
 use crate::netns;
-use crate::service::AgentService;
+use crate::service::{AgentService, InstallState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,6 +29,10 @@ pub enum ServeError {
     HostNetns(#[source] std::io::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("binding the metrics address {0}: {1}")]
+    Metrics(std::net::SocketAddr, #[source] std::io::Error),
+    #[error("watching the CNI config dir: {0}")]
+    Install(#[source] crate::install::InstallError),
 }
 
 fn socket_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
@@ -85,6 +91,31 @@ fn peer_filter(allow: Vec<u32>) -> impl FnMut(Request<()>) -> Result<Request<()>
     }
 }
 
+fn set_install(state: &InstallState, result: Result<(), crate::install::InstallError>) {
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "node install is not in place; not ready until it is");
+    }
+    let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+    *guard = result.map_err(|e| e.to_string());
+}
+
+/// gRPC health SERVING iff the install is in place and the kernel path works (what the
+/// DaemonSet's readiness probe asks).
+async fn report_health(state: &InstallState, reporter: &tonic_health::server::HealthReporter) {
+    let install = state
+        .lock()
+        .map_or_else(|p| p.into_inner().clone(), |g| g.clone());
+    match install.and_then(|()| crate::service::readiness()) {
+        Ok(()) => reporter.set_serving::<AgentServer<AgentService>>().await,
+        Err(reason) => {
+            tracing::warn!(%reason, "agent is not ready to program pods");
+            reporter
+                .set_not_serving::<AgentServer<AgentService>>()
+                .await;
+        }
+    }
+}
+
 /// How long in-flight calls may finish after shutdown is requested.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -100,20 +131,42 @@ pub async fn serve(
     tracing::info!(socket = %socket.display(), roots = ?config.netns_roots, allow_uids = ?allow, "sluice-agent serving");
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let service = AgentService::new(config, policy);
-    match crate::service::readiness() {
-        Ok(()) => {
-            health_reporter
-                .set_serving::<AgentServer<AgentService>>()
+    let metrics = Arc::new(Metrics::new());
+    let metrics_task = match config.metrics_addr {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr)
                 .await
+                .map_err(|e| ServeError::Metrics(addr, e))?;
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+            )))
         }
-        Err(reason) => {
-            tracing::warn!(%reason, "agent is not ready to program pods");
-            health_reporter
-                .set_not_serving::<AgentServer<AgentService>>()
-                .await;
-        }
+        None => None,
+    };
+    let install_state: InstallState = Arc::new(std::sync::Mutex::new(Ok(())));
+    let node_install = config.install.clone();
+    let mut _watcher = None;
+    if let Some(ni) = &node_install {
+        set_install(&install_state, ni.installer.install().map(|changes| {
+            tracing::info!(binary_written = changes.binary, config_written = ?changes.config, "install pass done");
+        }));
+        // Keep the chain in place when the primary CNI rewrites its config.
+        let (state, reporter) = (install_state.clone(), health_reporter.clone());
+        let handle = tokio::runtime::Handle::current();
+        _watcher = Some(
+            ni.installer
+                .clone()
+                .watch(move |result| {
+                    set_install(&state, result.map(drop));
+                    let (state, reporter) = (state.clone(), reporter.clone());
+                    handle.spawn(async move { report_health(&state, &reporter).await });
+                })
+                .map_err(ServeError::Install)?,
+        );
     }
+    let service = AgentService::new(config, policy, metrics, install_state.clone());
+    report_health(&install_state, &health_reporter).await;
     // Graceful shutdown waits for clients to hang up; a long-lived client (sluicectl watch,
     // a benchmark) must not keep a SIGTERMed agent alive, so in-flight calls get a bounded
     // grace period.
@@ -140,6 +193,16 @@ pub async fn serve(
         }
     };
     let _ = std::fs::remove_file(&socket);
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    drop(_watcher);
+    if let Some(ni) = node_install.filter(|ni| ni.uninstall_on_exit) {
+        match ni.installer.uninstall() {
+            Ok(()) => tracing::info!("uninstalled on exit (--uninstall-on-exit)"),
+            Err(e) => tracing::error!(error = %e, "uninstall on exit failed"),
+        }
+    }
     tracing::info!("sluice-agent stopped");
     Ok(result?)
 }

@@ -17,6 +17,7 @@ use sluice_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::config::AgentConfig;
+use crate::metrics::Metrics;
 use crate::netns::{self, NetnsError, PodNetns};
 use crate::plan::{self, Decision, PlanError};
 use crate::registry::{Record, Registry, pod_or_default};
@@ -29,15 +30,38 @@ pub struct AgentService {
     config: AgentConfig,
     policy: netns::Policy,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    install: InstallState,
 }
 
+/// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
+/// Always `Ok` when the agent was not asked to install.
+pub type InstallState = Arc<std::sync::Mutex<Result<(), String>>>;
+
 impl AgentService {
-    pub fn new(config: AgentConfig, policy: netns::Policy) -> Self {
+    pub fn new(
+        config: AgentConfig,
+        policy: netns::Policy,
+        metrics: Arc<Metrics>,
+        install: InstallState,
+    ) -> Self {
         Self {
             config,
             policy,
             registry: Arc::default(),
+            metrics,
+            install,
         }
+    }
+
+    /// Ready to program new pods: the install is in place and the kernel path works.
+    pub fn readiness(&self) -> Result<(), String> {
+        let install = self
+            .install
+            .lock()
+            .map_or_else(|p| p.into_inner().clone(), |g| g.clone());
+        install.map_err(|why| format!("install not done: {why}"))?;
+        readiness()
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -101,9 +125,115 @@ fn to_map(m: std::collections::HashMap<String, String>) -> BTreeMap<String, Stri
     m.into_iter().collect()
 }
 
+/// A metrics label for a failed call.
+fn error_reason(s: &Status) -> &'static str {
+    match s.code() {
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::PermissionDenied => "permission_denied",
+        _ => "kernel",
+    }
+}
+
+/// A metrics label for a skip reason.
+fn skip_reason(reason: &str) -> &'static str {
+    if reason.contains("agent configuration") {
+        "profile_disabled"
+    } else if reason.contains("is disabled") {
+        "opted_out"
+    } else if reason.contains("NONE") {
+        "interception_none"
+    } else {
+        "not_selected"
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn attach(
+        &self,
+        req: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
+        let start = Instant::now();
+        let result = self.attach_inner(req).await;
+        let m = &self.metrics;
+        match &result {
+            Ok(r) if r.get_ref().outcome == Outcome::Skipped as i32 => {
+                m.attach("skipped", skip_reason(&r.get_ref().reason));
+            }
+            Ok(_) => {
+                m.attach("programmed", "");
+                m.attach_duration.observe(start.elapsed().as_secs_f64());
+            }
+            Err(s) => m.attach("error", error_reason(s)),
+        }
+        m.attached_pods.set(self.registry.len() as i64);
+        result
+    }
+
+    async fn detach(
+        &self,
+        req: Request<DetachRequest>,
+    ) -> Result<Response<DetachResponse>, Status> {
+        let result = self.detach_inner(req).await;
+        self.metrics.detach(match &result {
+            Ok(r) if r.get_ref().removed => "removed",
+            Ok(_) => "absent",
+            Err(_) => "error",
+        });
+        self.metrics.attached_pods.set(self.registry.len() as i64);
+        result
+    }
+
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let result = self.check_inner(req).await;
+        match &result {
+            Ok(r) if r.get_ref().ok => self.metrics.check("ok"),
+            Ok(_) => {
+                self.metrics.check("drift");
+                self.metrics.drift_detected.inc();
+            }
+            Err(_) => self.metrics.check("error"),
+        }
+        result
+    }
+
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let (ready, reason) = match self.readiness() {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason),
+        };
+        Ok(Response::new(StatusResponse {
+            ready,
+            reason,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            attached: self.registry.len() as u32,
+        }))
+    }
+
+    async fn list(&self, _req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Ok(Response::new(ListResponse {
+            attachments: self.registry.list(),
+        }))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let req = req.into_inner();
+        let ips = pod_ips(&req.pod_ips)?;
+        Ok(Response::new(
+            explain(&to_map(req.annotations), &ips, &self.config.plan).map_err(plan_status)?,
+        ))
+    }
+}
+
+impl AgentService {
+    async fn attach_inner(
         &self,
         req: Request<AttachRequest>,
     ) -> Result<Response<AttachResponse>, Status> {
@@ -140,6 +270,9 @@ impl Agent for AgentService {
                 Status::internal(format!("programming netns {}: {e}", req.netns))
             })?;
         let duration_us = start.elapsed().as_micros() as u64;
+        if timings.replaced {
+            self.metrics.drift_repaired.inc();
+        }
         tracing::info!(
             container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name),
             netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us,
@@ -170,7 +303,7 @@ impl Agent for AgentService {
         }))
     }
 
-    async fn detach(
+    async fn detach_inner(
         &self,
         req: Request<DetachRequest>,
     ) -> Result<Response<DetachResponse>, Status> {
@@ -207,7 +340,10 @@ impl Agent for AgentService {
         )
     }
 
-    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check_inner(
+        &self,
+        req: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
         let record = self.registry.get(&req.container_id);
@@ -283,39 +419,6 @@ impl Agent for AgentService {
             expected_fingerprint,
             live_fingerprint,
         }))
-    }
-
-    async fn status(
-        &self,
-        _req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        let (ready, reason) = match readiness() {
-            Ok(()) => (true, String::new()),
-            Err(reason) => (false, reason),
-        };
-        Ok(Response::new(StatusResponse {
-            ready,
-            reason,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            attached: self.registry.len() as u32,
-        }))
-    }
-
-    async fn list(&self, _req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        Ok(Response::new(ListResponse {
-            attachments: self.registry.list(),
-        }))
-    }
-
-    async fn explain(
-        &self,
-        req: Request<ExplainRequest>,
-    ) -> Result<Response<ExplainResponse>, Status> {
-        let req = req.into_inner();
-        let ips = pod_ips(&req.pod_ips)?;
-        Ok(Response::new(
-            explain(&to_map(req.annotations), &ips, &self.config.plan).map_err(plan_status)?,
-        ))
     }
 }
 

@@ -480,6 +480,8 @@ pub struct Agent {
     /// Where the agent's stderr (its logs) goes.
     pub log: PathBuf,
     extra: Vec<String>,
+    /// A command the agent runs under (e.g. `setpriv` limiting its capabilities).
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -488,6 +490,11 @@ impl Agent {
     }
 
     pub fn start_with(test: &str, extra: &[&str]) -> Self {
+        Self::start_wrapped(test, &[], extra)
+    }
+
+    /// Starts the agent as `WRAPPER... sluice-agent --socket S EXTRA...`.
+    pub fn start_wrapped(test: &str, wrapper: &[&str], extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("sluice-test-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join("agent.sock");
@@ -499,6 +506,7 @@ impl Agent {
             socket,
             log,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -510,9 +518,20 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log file");
-        let child = Command::new(bin("sluice-agent"))
-            .arg("--socket")
-            .arg(&self.socket)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("sluice-agent"));
+                c
+            }
+            None => Command::new(bin("sluice-agent")),
+        };
+        cmd.arg("--socket").arg(&self.socket);
+        // Tests run many agents at once: an ephemeral metrics port each (see `metrics_url`).
+        if !self.extra.iter().any(|a| a == "--metrics-addr") {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        let child = cmd
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -539,6 +558,26 @@ impl Agent {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// The agent's metrics URL, from the address it logged when binding.
+    pub fn metrics_url(&self) -> String {
+        let mut addr = None;
+        wait_for(
+            "the agent's metrics address in its log",
+            Duration::from_secs(10),
+            || {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                addr = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("metrics served"))
+                    .and_then(|l| l.split("addr=").nth(1))
+                    .map(|a| a.split_whitespace().next().unwrap_or("").to_owned());
+                addr.is_some()
+            },
+        );
+        format!("http://{}/metrics", addr.unwrap_or_default())
     }
 
     /// The agent's pid (its /proc entry shows the agent's own namespaces).

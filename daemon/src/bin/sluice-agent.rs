@@ -1,9 +1,11 @@
-//! `sluice-agent`: parses flags, builds the config, serves. All logic is in the library.
+//! `sluice-agent`: parses flags, builds the config, serves (or runs one install/uninstall
+//! pass). All logic is in the library.
 
 use std::path::PathBuf;
 
-use clap::Parser;
-use sluice::config::{AgentConfig, FileConfig, LogFormat};
+use clap::{Parser, Subcommand};
+use sluice::config::{AgentConfig, FileConfig, LogFormat, NodeInstall};
+use sluice::install::{ChainMode, Installer};
 use sluice::netns::Root;
 
 /// The sluice node agent: programs traffic capture into pod network namespaces on request of
@@ -12,10 +14,10 @@ use sluice::netns::Root;
 #[command(version)]
 struct Args {
     /// TOML config file; flags given on the command line win over its keys.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Unix socket to serve on [default: /run/sluice/agent.sock].
-    #[arg(long)]
+    #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Allowed netns root (repeatable): a directory whose direct children are netns files, or
     /// `/proc` for /proc/<pid>/ns/net [default: /var/run/netns, /run/netns, /proc].
@@ -25,8 +27,66 @@ struct Args {
     #[arg(long = "allow-uid")]
     allow_uids: Vec<u32>,
     /// Log format [default: text].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     log_format: Option<LogFormat>,
+    /// Prometheus endpoint address, or `off` [default: 127.0.0.1:9965].
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Install into the node's CNI dirs at start-up and keep sluice-cni chained.
+    #[arg(long)]
+    install: bool,
+    /// With --install: uninstall on SIGTERM (default keeps the install across restarts).
+    #[arg(long, requires = "install")]
+    uninstall_on_exit: bool,
+    #[command(flatten)]
+    dirs: Dirs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Dirs {
+    /// Host CNI binary directory.
+    #[arg(long, default_value = "/opt/cni/bin", global = true)]
+    cni_bin_dir: PathBuf,
+    /// Host CNI config directory.
+    #[arg(long, default_value = "/etc/cni/net.d", global = true)]
+    cni_conf_dir: PathBuf,
+    /// `insert` our entry into the primary config, or write an `own-copy` that sorts first.
+    #[arg(long, value_enum, default_value = "insert", global = true)]
+    chain_mode: ChainMode,
+    /// The sluice-cni binary to install [default: next to this binary].
+    #[arg(long, global = true)]
+    plugin: Option<PathBuf>,
+    /// The plugin's call timeout written into its config, in milliseconds.
+    #[arg(long, default_value_t = 5000, global = true)]
+    plugin_timeout_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One install pass (copy sluice-cni, chain it into the primary CNI config), then exit.
+    Install,
+    /// Remove the chain entry and the binary, restoring the primary config, then exit.
+    Uninstall,
+}
+
+fn installer(dirs: &Dirs, socket: PathBuf) -> anyhow::Result<Installer> {
+    let plugin = match &dirs.plugin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join(sluice::install::PLUGIN))
+            .ok_or_else(|| anyhow::anyhow!("cannot locate sluice-cni next to the agent"))?,
+    };
+    Ok(Installer {
+        bin_dir: dirs.cni_bin_dir.clone(),
+        conf_dir: dirs.cni_conf_dir.clone(),
+        plugin_source: plugin,
+        mode: dirs.chain_mode,
+        socket,
+        timeout_ms: dirs.plugin_timeout_ms,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,24 +107,64 @@ fn main() -> anyhow::Result<()> {
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
+    match args.metrics_addr.as_deref() {
+        Some("off") => config.metrics_addr = None,
+        Some(addr) => config.metrics_addr = Some(addr.parse()?),
+        None => {}
+    }
     sluice::logging::init(config.log_format);
+
+    match args.command {
+        Some(Command::Install) => {
+            let changes = installer(&args.dirs, config.socket.clone())?.install()?;
+            println!(
+                "sluice-cni installed (binary {}, config {})",
+                if changes.binary {
+                    "written"
+                } else {
+                    "unchanged"
+                },
+                changes.config.map_or("unchanged".to_owned(), |p| format!(
+                    "written to {}",
+                    p.display()
+                ))
+            );
+            return Ok(());
+        }
+        Some(Command::Uninstall) => {
+            installer(&args.dirs, config.socket.clone())?.uninstall()?;
+            println!("sluice-cni uninstalled");
+            return Ok(());
+        }
+        None => {}
+    }
+    if args.install {
+        config.install = Some(NodeInstall {
+            installer: installer(&args.dirs, config.socket.clone())?,
+            uninstall_on_exit: args.uninstall_on_exit,
+        });
+    }
+    // Least privilege before serving: keep CAP_NET_ADMIN + CAP_SYS_ADMIN, drop the rest.
+    let kept = sluice::privileges::drop_to_needed()?;
+    tracing::info!(capabilities = ?kept, "dropped every other capability");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler cannot fail at startup");
+        // Registered before anything else, so a SIGTERM during start-up is a clean shutdown
+        // (uninstall-on-exit included), not the default kill.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down");
         };
-        sluice::server::serve(config, shutdown).await
+        sluice::server::serve(config, shutdown).await?;
+        anyhow::Ok(())
     })?;
     Ok(())
 }

@@ -1,0 +1,220 @@
+//! Prometheus/OpenMetrics metrics: the SLIs an init container never had, per attach. Served
+//! over plain HTTP on a configurable address (default 127.0.0.1:9965) at `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9965";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// `programmed`, `skipped`, `error` (attach); `removed`, `absent`, `error` (detach); `ok`,
+    /// `drift`, `error` (check).
+    pub result: String,
+    /// Why, in a few words: `invalid_argument`, `netns`, `kernel`, a skip reason class, or "".
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildInfo {
+    version: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub attaches: Family<Outcome, Counter>,
+    pub detaches: Family<Outcome, Counter>,
+    pub checks: Family<Outcome, Counter>,
+    /// Agent-side attach duration (request received → kernel programmed), seconds.
+    pub attach_duration: Histogram,
+    pub attached_pods: Gauge,
+    pub drift_detected: Counter,
+    /// Attaches that atomically replaced an existing sluice table (a re-ADD re-programming a
+    /// pod, which also repairs any drift).
+    pub drift_repaired: Counter,
+    rss_bytes: Gauge,
+    cpu_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let m = Metrics {
+            attaches: Family::default(),
+            detaches: Family::default(),
+            checks: Family::default(),
+            // 100 µs .. ~3.3 s, doubling.
+            attach_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+            attached_pods: Gauge::default(),
+            drift_detected: Counter::default(),
+            drift_repaired: Counter::default(),
+            rss_bytes: Gauge::default(),
+            cpu_seconds: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("attaches", "Attach calls by result", m.attaches.clone());
+        registry.register("detaches", "Detach calls by result", m.detaches.clone());
+        registry.register("checks", "Check calls by result", m.checks.clone());
+        registry.register(
+            "attach_duration_seconds",
+            "Agent-side attach duration",
+            m.attach_duration.clone(),
+        );
+        registry.register(
+            "attached_pods",
+            "Pods this agent has programmed and not detached",
+            m.attached_pods.clone(),
+        );
+        registry.register(
+            "drift_detected",
+            "Checks that found a live table different from the plan",
+            m.drift_detected.clone(),
+        );
+        registry.register(
+            "drift_repaired",
+            "Attaches that atomically replaced an existing sluice table",
+            m.drift_repaired.clone(),
+        );
+        let info = Family::<BuildInfo, Gauge>::default();
+        info.get_or_create(&BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+        .set(1);
+        registry.register("build_info", "Build information", info);
+        registry.register(
+            "process_resident_memory_bytes",
+            "Agent resident set size",
+            m.rss_bytes.clone(),
+        );
+        registry.register(
+            "process_cpu_seconds",
+            "Agent CPU time (user + system)",
+            m.cpu_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn attach(&self, result: &str, reason: &str) {
+        self.attaches
+            .get_or_create(&Outcome {
+                result: result.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn detach(&self, result: &str) {
+        self.detaches
+            .get_or_create(&Outcome {
+                result: result.into(),
+                reason: String::new(),
+            })
+            .inc();
+    }
+
+    pub fn check(&self, result: &str) {
+        self.checks
+            .get_or_create(&Outcome {
+                result: result.into(),
+                reason: String::new(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with process figures read from /proc at scrape time.
+    pub fn render(&self) -> String {
+        if let Some((rss, cpu)) = process_figures() {
+            self.rss_bytes.set(rss as i64);
+            self.cpu_seconds.set(cpu);
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+/// RSS bytes and CPU seconds of this process from /proc/self/stat (fields 14, 15, 24).
+fn process_figures() -> Option<(u64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces; fields count from after its closing paren.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let rss: u64 = f.get(21)?.parse().ok()?;
+    Some((rss * page, (utime + stime) / ticks))
+}
+
+/// Binds the metrics address (start-up fails on a taken port rather than running blind).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics served at /metrics");
+    Ok(listener)
+}
+
+/// Serves `/metrics` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let metrics = metrics.clone();
+                async move {
+                    if req.uri().path() == "/metrics" {
+                        hyper::Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(metrics.render())))
+                    } else {
+                        hyper::Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                    }
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}

@@ -1,0 +1,225 @@
+//! The agent as a DaemonSet runs it: least privilege (exactly CAP_NET_ADMIN + CAP_SYS_ADMIN),
+//! Prometheus metrics scraped over HTTP, and readiness that waits for the node install.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_tests::*;
+
+/// `setpriv` (util-linux) limiting the agent's bounding set, so as root it is permitted only
+/// these capabilities (what `capabilities: {drop: [ALL], add: [...]}` gives a container).
+fn only_caps(caps: &str) -> Vec<String> {
+    vec![
+        "setpriv".into(),
+        format!("--bounding-set=-all,{caps}"),
+        "--inh-caps=-all".into(),
+        "--".into(),
+    ]
+}
+
+fn add(agent: &Agent, ns: &Netns, container: &str, annotations: &[(&str, &str)]) -> CniRun {
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        annotations,
+        Some(&prev_result("1.0.0")),
+    );
+    cni("ADD", container, &ns.path(), &stdin)
+}
+
+#[test]
+fn with_exactly_net_admin_and_sys_admin_a_full_add_works() {
+    require_root();
+    let wrapper = only_caps("+net_admin,+sys_admin");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = Agent::start_wrapped("caps", &wrapper, &[]);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("agent status");
+    // CapEff of exactly NET_ADMIN (12) and SYS_ADMIN (21): bits 0x201000.
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t0000000000201000"),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|l| l == "CapPrm:\t0000000000201000"),
+        "{status}"
+    );
+    let topo = Topology::new("caps");
+    let run = add(
+        &agent,
+        &topo.pod,
+        "caps",
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/mode", "tproxy"),
+            (
+                "sluice.dev/sysctls",
+                "net.ipv4.ip_unprivileged_port_start=0",
+            ),
+        ],
+    );
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert!(topo.pod.sluice_table().is_some());
+    assert!(
+        topo.pod
+            .ip(&["rule", "show"])
+            .contains("fwmark 0x539 lookup 133")
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(
+        log.contains("dropped every other capability")
+            && log.contains("CAP_NET_ADMIN, CAP_SYS_ADMIN"),
+        "{log}"
+    );
+}
+
+#[test]
+fn without_net_admin_the_agent_fails_fast_with_a_clear_message() {
+    require_root();
+    let wrapper = only_caps("+sys_admin");
+    let dir = std::env::temp_dir().join(format!("sluice-nocap-{}", std::process::id()));
+    let out = Command::new(&wrapper[0])
+        .args(&wrapper[1..])
+        .arg(bin("sluice-agent"))
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .args(["--metrics-addr", "off"])
+        .output()
+        .expect("run agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing capability CAP_NET_ADMIN") && err.contains("NET_ADMIN, SYS_ADMIN"),
+        "{err}"
+    );
+}
+
+fn scrape(url: &str) -> String {
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("path");
+    let mut stream = std::net::TcpStream::connect(host).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
+#[test]
+fn metrics_count_attaches_detaches_checks_and_drift() {
+    require_root();
+    let agent = Agent::start("metrics");
+    let url = agent.metrics_url();
+    let ns = Netns::new("sl-metrics");
+    let enabled = [("sluice.dev/redirect", "enabled")];
+    assert_eq!(add(&agent, &ns, "m1", &enabled).exit, 0);
+    assert_eq!(add(&agent, &ns, "m1", &enabled).exit, 0, "re-ADD replaces");
+    assert_eq!(
+        add(
+            &agent,
+            &ns,
+            "m2",
+            &[
+                ("sluice.dev/redirect", "enabled"),
+                ("sluice.dev/outbound-port", "x")
+            ]
+        )
+        .error_code(),
+        7
+    );
+    // Drift: a rule inserted by hand, then CHECK.
+    let out = ns.exec(&[
+        "nft", "insert", "rule", "inet", "sluice", "output", "return",
+    ]);
+    assert!(out.status.success());
+    assert!(!agent.ctl(&["check", "m1"]).status.success());
+    let m = scrape(&url);
+    assert_eq!(
+        value(
+            &m,
+            "sluice_attaches_total{result=\"programmed\",reason=\"\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sluice_attaches_total{result=\"error\",reason=\"invalid_argument\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "sluice_attached_pods"), 1.0);
+    assert_eq!(value(&m, "sluice_attach_duration_seconds_count"), 2.0);
+    assert_eq!(
+        value(&m, "sluice_checks_total{result=\"drift\",reason=\"\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "sluice_drift_detected_total"), 1.0);
+    assert_eq!(value(&m, "sluice_drift_repaired_total"), 1.0);
+    assert!(m.contains("sluice_build_info{version=\""), "{m}");
+    assert!(value(&m, "sluice_process_resident_memory_bytes") > 1e6);
+    assert!(m.ends_with("# EOF\n"), "OpenMetrics text");
+    let stdin = conf("1.0.0", &agent.socket_str(), &enabled, None);
+    assert_eq!(cni("DEL", "m1", &ns.path(), &stdin).exit, 0);
+    let m = scrape(&url);
+    assert_eq!(
+        value(&m, "sluice_detaches_total{result=\"removed\",reason=\"\"}"),
+        1.0
+    );
+    assert_eq!(value(&m, "sluice_attached_pods"), 0.0);
+}
+
+#[test]
+fn readiness_waits_for_the_install_and_follows_it() {
+    require_root();
+    let root = std::env::temp_dir().join(format!("sluice-ready-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("net.d")).expect("conf dir");
+    let bin_dir = root.join("bin").display().to_string();
+    let conf_dir = root.join("net.d").display().to_string();
+    let agent = Agent::start_with(
+        "ready",
+        &[
+            "--install",
+            "--cni-bin-dir",
+            &bin_dir,
+            "--cni-conf-dir",
+            &conf_dir,
+        ],
+    );
+    let status = || String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
+    let s = status();
+    assert!(
+        s.contains("ready: false (install not done: no CNI network config"),
+        "no primary CNI config yet: {s}"
+    );
+    // The primary CNI comes up and writes its config: the agent chains and turns ready.
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cni-configs/10-bridge.conflist"),
+        root.join("net.d/10-bridge.conflist"),
+    )
+    .expect("primary config");
+    wait_for("readiness after install", Duration::from_secs(10), || {
+        status().contains("ready: true")
+    });
+    let conf = std::fs::read_to_string(root.join("net.d/10-bridge.conflist")).expect("conf");
+    assert!(conf.contains("\"sluice-cni\""), "{conf}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&root);
+}
