@@ -1,9 +1,13 @@
 # sluice — run as root on Debian 12. Targets install missing Debian packages first.
 CARGO ?= cargo
 DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make runc busybox-static \
-  containerd containernetworking-plugins umoci
+  containerd containernetworking-plugins umoci python3 python3-venv
 
-.PHONY: deps build demo test lint bench bench-quick clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE := localhost/sluice-agent:$(VERSION)
+IMAGE_TAR := target/image/sluice-agent-$(VERSION).tar
+
+.PHONY: deps build demo test lint bench bench-quick image clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -36,6 +40,12 @@ bench: deps
 bench-quick: deps
 	$(CARGO) build --release --workspace --bins
 	./target/release/sluice-bench --quick --out results/quick
+
+## OCI image of the agent + plugin (umoci, no container engine): $(IMAGE_TAR), named $(IMAGE).
+image: deps
+	$(CARGO) build --release --workspace --bins
+	bash daemon/image/build.sh target/release $(IMAGE_TAR) $(VERSION)
+	@echo "$(IMAGE): import with 'ctr -n k8s.io images import --base-name localhost/sluice-agent $(IMAGE_TAR)', or push it with skopeo/crane"
 
 clean:
 	$(CARGO) clean

@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub plan: PlanDefaults,
     /// Prometheus endpoint; `None` serves none.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The gRPC health service alone on TCP, for kubelet gRPC probes (which cannot reach a
+    /// unix socket); `None` serves none.
+    pub health_addr: Option<std::net::SocketAddr>,
     /// Install into the node's CNI dirs at start-up and keep the chain in place.
     pub install: Option<NodeInstall>,
 }
@@ -53,6 +56,7 @@ impl Default for AgentConfig {
             log_format: LogFormat::Text,
             plan: PlanDefaults::default(),
             metrics_addr: crate::metrics::DEFAULT_ADDR.parse().ok(),
+            health_addr: None,
             install: None,
         }
     }
@@ -68,6 +72,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// Prometheus endpoint address, or "off".
     pub metrics_addr: Option<String>,
+    /// gRPC health on TCP (kubelet probes), e.g. "0.0.0.0:9966".
+    pub health_addr: Option<std::net::SocketAddr>,
     pub outbound_port: Option<u16>,
     pub inbound_port: Option<u16>,
     pub proxy_uid: Option<u32>,
@@ -162,6 +168,9 @@ impl FileConfig {
         }
         if let Some(v) = self.metrics_addr {
             cfg.metrics_addr = v.parse().ok();
+        }
+        if let Some(v) = self.health_addr {
+            cfg.health_addr = Some(v);
         }
         let p = &mut cfg.plan;
         p.outbound_port = self.outbound_port.unwrap_or(p.outbound_port);

@@ -29,6 +29,8 @@ pub enum ServeError {
     HostNetns(#[source] std::io::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("binding the health address {0}: {1}")]
+    Health(std::net::SocketAddr, #[source] std::io::Error),
     #[error("binding the metrics address {0}: {1}")]
     Metrics(std::net::SocketAddr, #[source] std::io::Error),
     #[error("watching the CNI config dir: {0}")]
@@ -165,6 +167,19 @@ pub async fn serve(
                 .map_err(ServeError::Install)?,
         );
     }
+    let health_task = match config.health_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Health(addr, e))?;
+            tracing::info!(addr = %listener.local_addr().map_err(|e| ServeError::Health(addr, e))?, "gRPC health served on TCP");
+            let server = tonic::transport::Server::builder()
+                .add_service(health.clone())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
     let service = AgentService::new(config, policy, metrics, install_state.clone());
     report_health(&install_state, &health_reporter).await;
     // Graceful shutdown waits for clients to hang up; a long-lived client (sluicectl watch,
@@ -194,6 +209,9 @@ pub async fn serve(
     };
     let _ = std::fs::remove_file(&socket);
     if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(task) = health_task {
         task.abort();
     }
     drop(_watcher);

@@ -32,6 +32,9 @@ struct Args {
     /// Prometheus endpoint address, or `off` [default: 127.0.0.1:9965].
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Serve the gRPC health service alone on this TCP address too (kubelet gRPC probes).
+    #[arg(long)]
+    health_addr: Option<std::net::SocketAddr>,
     /// Install into the node's CNI dirs at start-up and keep sluice-cni chained.
     #[arg(long)]
     install: bool,
@@ -111,6 +114,9 @@ fn main() -> anyhow::Result<()> {
         Some("off") => config.metrics_addr = None,
         Some(addr) => config.metrics_addr = Some(addr.parse()?),
         None => {}
+    }
+    if let Some(addr) = args.health_addr {
+        config.health_addr = Some(addr);
     }
     sluice::logging::init(config.log_format);
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds the sluice-agent OCI image without a container engine: the release binaries plus
+# the shared libraries they load (found with ldd: glibc, libgcc_s, libnftnl, libmnl), packed
+# with umoci into an OCI layout and tarred. `ctr images import --base-name localhost/sluice-agent`
+# (or skopeo/crane to push) turns it into the image the DaemonSet names.
+#
+# usage: build.sh BIN_DIR OUT_TAR TAG
+set -euo pipefail
+bin_dir=$1 out=$2 tag=$3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+rootfs=$work/rootfs
+mkdir -p "$rootfs/usr/local/bin" "$rootfs/run/sluice" "$rootfs/tmp" "$rootfs/etc"
+for b in sluice-agent sluice-cni sluicectl; do
+  install -m 0755 "$bin_dir/$b" "$rootfs/usr/local/bin/$b"
+done
+# Every library the binaries load, at the path the loader looks for it.
+for lib in $(ldd "$bin_dir"/sluice-agent "$bin_dir"/sluice-cni "$bin_dir"/sluicectl \
+    | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u); do
+  real=$(readlink -f "$lib")
+  mkdir -p "$rootfs$(dirname "$lib")"
+  cp "$real" "$rootfs$lib"
+done
+# Merged /usr, as Debian: /lib and /lib64 resolve into /usr.
+if [ -d "$rootfs/lib" ] && [ ! -L "$rootfs/lib" ]; then
+  mkdir -p "$rootfs/usr/lib"; cp -a "$rootfs/lib/." "$rootfs/usr/lib/"; rm -rf "$rootfs/lib"
+fi
+ln -s usr/lib "$rootfs/lib"
+if [ -d "$rootfs/lib64" ] && [ ! -L "$rootfs/lib64" ]; then
+  mkdir -p "$rootfs/usr/lib64"; cp -a "$rootfs/lib64/." "$rootfs/usr/lib64/"; rm -rf "$rootfs/lib64"
+fi
+[ -e "$rootfs/lib64" ] || ln -s usr/lib64 "$rootfs/lib64"
+echo 'root:x:0:0:root:/:/usr/local/bin/sluice-agent' > "$rootfs/etc/passwd"
+layout=$work/oci
+umoci init --layout "$layout"
+umoci new --image "$layout:$tag"
+umoci insert --image "$layout:$tag" "$rootfs" /
+umoci config --image "$layout:$tag" \
+  --config.entrypoint /usr/local/bin/sluice-agent \
+  --config.workingdir / \
+  --config.env PATH=/usr/local/bin \
+  --config.label org.opencontainers.image.title=sluice-agent \
+  --config.label org.opencontainers.image.licenses=Apache-2.0 \
+  --config.label "org.opencontainers.image.description=sluice node agent and sluice-cni (links libnftnl, GPL-2.0-or-later)" \
+  --config.label org.opencontainers.image.version="$tag"
+umoci gc --layout "$layout"
+mkdir -p "$(dirname "$out")"
+tar -C "$layout" -cf "$out" .
+echo "built $out ($tag)"
