@@ -377,7 +377,6 @@ impl Containerd {
 
     /// Creates and starts a busybox container (`sleep`) in the sandbox, as `uid`.
     pub fn start_container(&self, sandbox: &str, pod: &str, name: &str, uid: i64) -> String {
-        let mut client = self.runtime.clone();
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.to_owned(),
@@ -399,37 +398,17 @@ impl Containerd {
             }),
             ..Default::default()
         };
-        let sandbox_config = pod_request(pod, &[], &self.dir.join("logs")).config;
-        self.rt.block_on(async {
-            let id = client
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: sandbox.to_owned(),
-                    config: Some(config),
-                    sandbox_config,
-                })
-                .await
-                .unwrap_or_else(|s| panic!("CreateContainer: {}", s.message()))
-                .into_inner()
-                .container_id;
-            client
-                .start_container(StartContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .unwrap_or_else(|s| panic!("StartContainer: {}", s.message()));
-            id
-        })
+        self.create_and_start(sandbox, pod, config)
+            .unwrap_or_else(|m| panic!("{m}"))
     }
 
-    /// Creates and starts a container from `config` in the sandbox and waits for it to exit
-    /// (polling its status every millisecond, as fast as a kubelet could notice); returns its
-    /// exit code or the CRI error.
-    pub fn run_to_exit(
+    /// CreateContainer + StartContainer; the container id or the CRI error.
+    fn create_and_start(
         &self,
         sandbox: &str,
         pod: &str,
         config: ContainerConfig,
-    ) -> Result<i32, String> {
+    ) -> Result<String, String> {
         let mut client = self.runtime.clone();
         let sandbox_config = pod_request(pod, &[], &self.dir.join("logs")).config;
         self.rt.block_on(async {
@@ -449,6 +428,22 @@ impl Containerd {
                 })
                 .await
                 .map_err(|s| format!("StartContainer: {}", s.message()))?;
+            Ok(id)
+        })
+    }
+
+    /// Creates and starts a container from `config` in the sandbox and waits for it to exit
+    /// (polling its status every millisecond, as fast as a kubelet could notice); returns its
+    /// exit code or the CRI error.
+    pub fn run_to_exit(
+        &self,
+        sandbox: &str,
+        pod: &str,
+        config: ContainerConfig,
+    ) -> Result<i32, String> {
+        let id = self.create_and_start(sandbox, pod, config)?;
+        let mut client = self.runtime.clone();
+        self.rt.block_on(async {
             loop {
                 let status = client
                     .container_status(sluice_proto::cri::ContainerStatusRequest {

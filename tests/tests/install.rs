@@ -264,6 +264,8 @@ fn the_agent_re_chains_after_the_primary_cni_rewrites_its_config() {
         std::fs::rename(&tmp, &path).expect("rename");
         wait_for("re-chaining", Duration::from_secs(10), || chained(1));
     }
+    // Absence of a second insert can only be shown by giving it time to happen: several times
+    // the watch's 50 ms coalescing window.
     std::thread::sleep(Duration::from_millis(300));
     assert!(chained(1), "never inserted twice");
     assert!(d.bin().join("sluice-cni").exists());
