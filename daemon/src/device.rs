@@ -174,8 +174,21 @@ pub fn setup(s: &DeviceSetup, fresh: bool) -> Result<(), DeviceError> {
     })
 }
 
+/// Whether IPv6 is usable on `lo` in the calling thread's namespace: the kernel has IPv6 and
+/// the namespace has not disabled it. When it is not, the IPv6 device steps are skipped (the
+/// family was only guessed, e.g. for a pod with no addresses in prevResult; there is no IPv6
+/// traffic to capture).
+fn ipv6_on_lo() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 async fn add_ours(handle: &Handle, s: &DeviceSetup) -> Result<(), DeviceError> {
-    if let Some(addr) = s.lo_address6 {
+    let ipv6 = ipv6_on_lo();
+    if !ipv6 && s.ipv6 {
+        tracing::debug!("IPv6 is disabled in the pod's netns; skipping the IPv6 device steps");
+    }
+    if let Some(addr) = s.lo_address6.filter(|_| ipv6) {
         let mut req = handle.address().add(LOOPBACK_INDEX, IpAddr::V6(addr), 128);
         let msg = req.message_mut();
         msg.attributes
@@ -187,7 +200,10 @@ async fn add_ours(handle: &Handle, s: &DeviceSetup) -> Result<(), DeviceError> {
     let Some((mark, table)) = s.tproxy else {
         return Ok(());
     };
-    for (version, _) in s.families() {
+    for (version, _) in s
+        .families()
+        .filter(|(v, _)| ipv6 || !matches!(v, IpVersion::V6))
+    {
         // `local default dev lo table T`, built per family (the builder is typed by it).
         macro_rules! local_default {
             ($addr:ty) => {

@@ -539,3 +539,39 @@ fn tproxy_mark_and_table_are_configurable_and_no_listener_means_no_connection() 
     let reply = connect_as(&topo.peer, APP_UID, APP_UID, "10.99.0.2:8080");
     assert!(reply.is_err(), "{reply:?}");
 }
+
+#[test]
+fn a_pod_with_ipv6_disabled_and_no_prevresult_still_attaches() {
+    require_root();
+    let topo = Topology::new("noip6");
+    topo.pod
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    topo.pod
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+    let agent = Agent::start("noip6");
+    // No prevResult: both families are captured by default, IPv6 device steps are skipped.
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/mode", "tproxy"),
+        ],
+        None,
+    );
+    let run = cni("ADD", "noip6", &topo.pod.path(), &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    let table = topo.pod.sluice_table().expect("table");
+    assert!(table.contains("meta nfproto ipv6"), "{table}");
+    assert!(
+        topo.pod
+            .ip(&["-4", "rule", "show"])
+            .contains("fwmark 0x539 lookup 133")
+    );
+    let _l = Listener::start(&topo.pod, "0.0.0.0:15001", "outbound");
+    let _p = Listener::start(&topo.peer, "0.0.0.0:8080", "peer");
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "10.99.0.1:8080"),
+        Ok("outbound orig=10.99.0.1:8080".to_owned())
+    );
+}
