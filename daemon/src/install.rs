@@ -278,7 +278,6 @@ impl Installer {
             }
             self.unchain(&path)?;
         }
-        // Backups whose file is gone (a .conf we had converted was renamed back above).
         let bin = self.bin_dir.join(PLUGIN);
         if bin.exists() {
             std::fs::remove_file(&bin).map_err(io(&bin))?;
@@ -299,19 +298,14 @@ impl Installer {
         }
         plugins_mut(&mut list).retain(|p| !is_ours(p));
         let original = std::fs::read(&backup).ok();
-        // The original file, if it was a .conf we converted.
-        let conf = path.with_extension("conf");
-        let original_list = original.as_deref().and_then(|b| {
-            as_conflist(path, b)
-                .ok()
-                .or_else(|| as_conflist(&conf, b).ok())
-        });
+        // A converted .conf reads as a one-plugin list too, so the two compare directly.
+        let original_list = original.as_deref().and_then(|b| as_conflist(path, b).ok());
         match (original, original_list) {
             (Some(orig), Some(orig_list)) if orig_list == list => {
                 let was_conf = serde_json::from_slice::<Value>(&orig)
                     .is_ok_and(|v| v.get("plugins").is_none());
                 if was_conf {
-                    write_atomic(&conf, &orig, 0o644)?;
+                    write_atomic(&path.with_extension("conf"), &orig, 0o644)?;
                     std::fs::remove_file(path).map_err(io(path))?;
                 } else {
                     write_atomic(path, &orig, 0o644)?;

@@ -113,30 +113,15 @@ impl Metrics {
     }
 
     pub fn attach(&self, result: &str, reason: &str) {
-        self.attaches
-            .get_or_create(&Outcome {
-                result: result.into(),
-                reason: reason.into(),
-            })
-            .inc();
+        inc(&self.attaches, result, reason);
     }
 
     pub fn detach(&self, result: &str) {
-        self.detaches
-            .get_or_create(&Outcome {
-                result: result.into(),
-                reason: String::new(),
-            })
-            .inc();
+        inc(&self.detaches, result, "");
     }
 
     pub fn check(&self, result: &str) {
-        self.checks
-            .get_or_create(&Outcome {
-                result: result.into(),
-                reason: String::new(),
-            })
-            .inc();
+        inc(&self.checks, result, "");
     }
 
     /// The text exposition, with process figures read from /proc at scrape time.
@@ -151,6 +136,15 @@ impl Metrics {
         }
         out
     }
+}
+
+fn inc(family: &Family<Outcome, Counter>, result: &str, reason: &str) {
+    family
+        .get_or_create(&Outcome {
+            result: result.into(),
+            reason: reason.into(),
+        })
+        .inc();
 }
 
 /// RSS bytes and CPU seconds of this process from /proc/self/stat (fields 14, 15, 24).
