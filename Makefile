@@ -7,7 +7,10 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE := localhost/sluice-agent:$(VERSION)
 IMAGE_TAR := target/image/sluice-agent-$(VERSION).tar
 
-.PHONY: deps build demo test lint bench bench-quick image clean
+# The kernel matrix boots Debian's kernel packages under QEMU (virtme-ng comes from PyPI).
+KERNEL_DEBS := qemu-system-x86 kmod python3-venv
+
+.PHONY: deps build demo test test-kernels lint bench bench-quick image clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -26,6 +29,16 @@ demo: build
 ## Unit + integration tests (real kernel, real netns; needs root).
 test: build
 	$(CARGO) test --workspace --no-fail-fast
+
+## The kernel-facing suites on Debian's own kernels (6.1, 6.12) in VMs, and on this host's.
+## One summary line per kernel; fails if a VM does not boot or a suite fails or cannot run.
+test-kernels: deps
+	@missing=""; for p in $(KERNEL_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	bash tests/kernels/matrix.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check

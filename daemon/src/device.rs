@@ -5,7 +5,9 @@
 //! Every rule, route and address sluice adds carries the protocol number [`PROTO`], so Detach
 //! finds and removes exactly ours, even after an agent restart with no memory of the plan.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressProtocol};
@@ -22,14 +24,14 @@ pub enum DeviceError {
     Runtime(#[source] std::io::Error),
     #[error("opening an rtnetlink connection: {0}")]
     Connect(#[source] std::io::Error),
-    #[error("setting lo up: {0}")]
-    LoopbackUp(#[source] rtnetlink::Error),
     #[error("{what}: {source}")]
     Netlink {
         what: String,
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("{what}: the kernel did not answer within {timeout:?}")]
+    Timeout { what: String, timeout: Duration },
     #[error("sysctl {name}: {source}")]
     Sysctl {
         name: String,
@@ -115,9 +117,15 @@ impl DeviceSetup {
     }
 }
 
+/// The longest one rtnetlink request (or dump) may wait for the kernel. The kernel answers
+/// these synchronously; a longer wait means the answer is not coming, and the netns worker
+/// thread must not be held forever.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(4);
+
 fn runtime() -> Result<tokio::runtime::Runtime, DeviceError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .map_err(DeviceError::Runtime)
 }
@@ -133,9 +141,20 @@ fn with_handle<T>(f: impl AsyncFnOnce(Handle) -> Result<T, DeviceError>) -> Resu
     })
 }
 
-fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DeviceError {
+/// Runs one rtnetlink request with a deadline; an error names the step.
+async fn step<T>(
+    what: impl Into<String>,
+    request: impl Future<Output = Result<T, rtnetlink::Error>>,
+) -> Result<T, DeviceError> {
     let what = what.into();
-    move |source| DeviceError::Netlink { what, source }
+    match tokio::time::timeout(STEP_TIMEOUT, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(DeviceError::Netlink { what, source }),
+        Err(_) => Err(DeviceError::Timeout {
+            what,
+            timeout: STEP_TIMEOUT,
+        }),
+    }
 }
 
 /// Adding something that is already there (a re-ADD) is success.
@@ -154,16 +173,18 @@ pub fn setup(s: &DeviceSetup, fresh: bool) -> Result<(), DeviceError> {
         if !fresh {
             remove_ours(&handle).await?;
         }
-        handle
-            .link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(LOOPBACK_INDEX)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(DeviceError::LoopbackUp)?;
+        step(
+            "setting lo up",
+            handle
+                .link()
+                .set(
+                    rtnetlink::LinkUnspec::new_with_index(LOOPBACK_INDEX)
+                        .up()
+                        .build(),
+                )
+                .execute(),
+        )
+        .await?;
         let result = add_ours(&handle, s).await;
         if result.is_err()
             && let Err(e) = remove_ours(&handle).await
@@ -195,7 +216,10 @@ async fn add_ours(handle: &Handle, s: &DeviceSetup) -> Result<(), DeviceError> {
             .push(AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
         msg.attributes
             .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        exists_ok(req.execute().await).map_err(netlink(format!("adding {addr}/128 to lo")))?;
+        step(format!("adding {addr}/128 to lo"), async {
+            exists_ok(req.execute().await)
+        })
+        .await?;
     }
     let Some((mark, table)) = s.tproxy else {
         return Ok(());
@@ -232,12 +256,16 @@ async fn add_ours(handle: &Handle, s: &DeviceSetup) -> Result<(), DeviceError> {
         msg.header.family = family;
         msg.attributes
             .push(RuleAttribute::Protocol(RouteProtocol::Other(PROTO)));
-        exists_ok(rule.execute().await).map_err(netlink(format!(
-            "adding {version:?} rule fwmark {mark} lookup {table}"
-        )))?;
-        exists_ok(handle.route().add(route).execute().await).map_err(netlink(format!(
-            "adding {version:?} local default route to table {table}"
-        )))?;
+        step(
+            format!("adding {version:?} rule fwmark {mark} lookup {table}"),
+            async { exists_ok(rule.execute().await) },
+        )
+        .await?;
+        step(
+            format!("adding {version:?} local default route to table {table}"),
+            async { exists_ok(handle.route().add(route).execute().await) },
+        )
+        .await?;
     }
     Ok(())
 }
@@ -247,21 +275,18 @@ async fn remove_ours(handle: &Handle) -> Result<bool, DeviceError> {
     let proto = RouteProtocol::Other(PROTO);
     let mut removed = false;
     for version in [IpVersion::V4, IpVersion::V6] {
-        let rules: Vec<_> = handle
-            .rule()
-            .get(version.clone())
-            .execute()
-            .collect::<Result<Vec<_>, _>>()
-            .await
-            .map_err(netlink("listing rules"))?;
+        let rules: Vec<_> = step(
+            "listing rules",
+            handle
+                .rule()
+                .get(version.clone())
+                .execute()
+                .collect::<Result<Vec<_>, _>>(),
+        )
+        .await?;
         for rule in rules {
             if rule.attributes.contains(&RuleAttribute::Protocol(proto)) {
-                handle
-                    .rule()
-                    .del(rule)
-                    .execute()
-                    .await
-                    .map_err(netlink("deleting a sluice rule"))?;
+                step("deleting a sluice rule", handle.rule().del(rule).execute()).await?;
                 removed = true;
             }
         }
@@ -269,44 +294,46 @@ async fn remove_ours(handle: &Handle) -> Result<bool, DeviceError> {
             IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
             IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
         };
-        let routes: Vec<_> = handle
-            .route()
-            .get(query)
-            .execute()
-            .collect::<Result<Vec<_>, _>>()
-            .await
-            .map_err(netlink("listing routes"))?;
+        let routes: Vec<_> = step(
+            "listing routes",
+            handle
+                .route()
+                .get(query)
+                .execute()
+                .collect::<Result<Vec<_>, _>>(),
+        )
+        .await?;
         for route in routes {
             if route.header.protocol == proto {
-                handle
-                    .route()
-                    .del(route)
-                    .execute()
-                    .await
-                    .map_err(netlink("deleting a sluice route"))?;
+                step(
+                    "deleting a sluice route",
+                    handle.route().del(route).execute(),
+                )
+                .await?;
                 removed = true;
             }
         }
     }
-    let addresses: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(LOOPBACK_INDEX)
-        .execute()
-        .collect::<Result<Vec<_>, _>>()
-        .await
-        .map_err(netlink("listing lo addresses"))?;
+    let addresses: Vec<_> = step(
+        "listing lo addresses",
+        handle
+            .address()
+            .get()
+            .set_link_index_filter(LOOPBACK_INDEX)
+            .execute()
+            .collect::<Result<Vec<_>, _>>(),
+    )
+    .await?;
     for address in addresses {
         let ours = address
             .attributes
             .contains(&AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
         if ours {
-            handle
-                .address()
-                .del(address)
-                .execute()
-                .await
-                .map_err(netlink("deleting a sluice lo address"))?;
+            step(
+                "deleting a sluice lo address",
+                handle.address().del(address).execute(),
+            )
+            .await?;
             removed = true;
         }
     }

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod nft;
 pub mod plan;
 pub mod privileges;
+pub mod probe;
 pub mod program;
 pub mod registry;
 pub mod ruleset;

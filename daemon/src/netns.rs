@@ -234,6 +234,29 @@ impl PodNetns {
     }
 }
 
+/// Runs `f` on a fresh OS thread inside a new, empty network namespace of its own (unshared
+/// from the agent's, so it starts with only a down `lo`). The namespace dies with the thread,
+/// so nothing `f` does there outlives it; the thread never returns to the host namespace.
+/// Used to probe what the kernel can do without touching any pod or the host.
+pub fn run_in_scratch<T, F>(f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name("sluice-probe".into())
+        .spawn(move || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+                path: "a new network namespace".into(),
+                source,
+            })?;
+            Ok(f())
+        })
+        .map_err(|e| NetnsError::Thread(e.to_string()))?
+        .join()
+        .map_err(|_| NetnsError::Thread("probe thread panicked".into()))?
+}
+
 /// Switches the thread back to its original namespace on drop.
 struct Entered {
     original: OwnedFd,

@@ -19,13 +19,33 @@ pub enum ProgramError {
     Teardown(#[source] DeviceError),
 }
 
+impl ProgramError {
+    /// The kernel did not answer in time: the caller should report "try again later".
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ProgramError::Nft(NftError::Timeout { .. })
+                | ProgramError::Device(DeviceError::Timeout { .. })
+                | ProgramError::Teardown(DeviceError::Timeout { .. })
+        )
+    }
+}
+
 /// Applies the ruleset (one atomic batch), then device setup (`lo` up, the IPv6 passthrough
 /// address, TPROXY policy routing, sysctls). If device setup fails, what it added is removed,
 /// sysctls already written are restored and the table is removed again, so the pod is left
 /// without capture and the ADD fails; the runtime then tears the sandbox down.
 pub fn attach(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
     let start = Instant::now();
-    let replaced = nft::apply(rs)?;
+    let replaced = nft::apply(rs).inspect_err(|e| {
+        // No answer means the batch may or may not have been committed: remove the table so
+        // the failed ADD leaves nothing behind (best effort, itself bounded in time).
+        if matches!(e, NftError::Timeout { .. })
+            && let Err(rb) = nft::remove()
+        {
+            tracing::error!(error = %rb, "removing the table after an unanswered batch failed");
+        }
+    })?;
     let nft_done = Instant::now();
     let setup = DeviceSetup::from_plan(plan);
     let result = device::setup(&setup, !replaced).and_then(|()| {

@@ -127,6 +127,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let policy = netns::Policy::new(config.netns_roots.clone()).map_err(ServeError::HostNetns)?;
+    // What the kernel can do, tried in a scratch namespace before the socket exists, so every
+    // answer the agent gives (readiness, CNI STATUS) already knows. Each kernel step in it is
+    // bounded; a failed probe keeps the agent serving but not ready, with the reason.
+    let _ = tokio::task::spawn_blocking(crate::probe::init).await;
     let listener = bind(&config.socket)?;
     let socket = config.socket.clone();
     let allow = config.allow_uids.clone();

@@ -101,6 +101,16 @@ fn netns_status(e: NetnsError) -> Status {
     }
 }
 
+/// A kernel step that got no answer in time is transient (CNI code 11 at the plugin); any
+/// other kernel failure is internal.
+fn program_status(e: &program::ProgramError, message: String) -> Status {
+    if e.is_timeout() {
+        Status::deadline_exceeded(message)
+    } else {
+        Status::internal(message)
+    }
+}
+
 fn required(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         Err(invalid(field, "is required"))
@@ -260,14 +270,27 @@ impl AgentService {
         let ruleset =
             Ruleset::from_plan(&plan, Owner::new(&fingerprint, &pod.uid, &req.container_id));
         let rule_count = ruleset.rule_count() as u32;
+        if ruleset.rule_count() > plan::MAX_RULES {
+            return Err(plan_status(plan::too_many_rules(
+                &annotations,
+                ruleset.rule_count(),
+            )));
+        }
         let ns = self.open(&req.netns)?;
         let timings = ns
             .run(move || program::attach(&ruleset, &plan))
             .await
             .map_err(netns_status)?
             .map_err(|e| {
-                tracing::warn!(container = %req.container_id, netns = %req.netns, error = %e, "attach failed");
-                Status::internal(format!("programming netns {}: {e}", req.netns))
+                let pod = format!("{}/{}", pod.namespace, pod.name);
+                tracing::warn!(container = %req.container_id, %pod, netns = %req.netns, error = %e, "attach failed");
+                program_status(
+                    &e,
+                    format!(
+                        "programming pod {pod} (container {}) in netns {}: {e}",
+                        req.container_id, req.netns
+                    ),
+                )
             })?;
         let duration_us = start.elapsed().as_micros() as u64;
         if timings.replaced {
@@ -329,7 +352,16 @@ impl AgentService {
             .run(program::detach)
             .await
             .map_err(netns_status)?
-            .map_err(|e| Status::internal(format!("removing table in {}: {e}", req.netns)))?;
+            .map_err(|e| {
+                tracing::warn!(container = %req.container_id, netns = %req.netns, error = %e, "detach failed");
+                program_status(
+                    &e,
+                    format!(
+                        "removing sluice from container {} in netns {}: {e}",
+                        req.container_id, req.netns
+                    ),
+                )
+            })?;
         reply(
             removed,
             if removed {
@@ -438,6 +470,9 @@ pub fn explain(
         Decision::Capture { plan, profile } => {
             let fingerprint = plan.fingerprint();
             let rs = Ruleset::from_plan(&plan, Owner::new(&fingerprint, "", ""));
+            if rs.rule_count() > plan::MAX_RULES {
+                return Err(plan::too_many_rules(annotations, rs.rule_count()));
+            }
             ExplainResponse {
                 outcome: Outcome::Programmed.into(),
                 reason: String::new(),
@@ -459,6 +494,11 @@ pub fn readiness() -> Result<(), String> {
         if !caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false) {
             return Err(format!("missing capability {cap}"));
         }
+    }
+    match crate::probe::get() {
+        None => return Err("probing the kernel (started with the agent)".to_owned()),
+        Some(Err(e)) => return Err(format!("probing the kernel failed: {e}")),
+        Some(Ok(features)) => features.required()?,
     }
     nft::probe().map_err(|e| e.to_string())
 }

@@ -462,8 +462,23 @@ pub fn connect_from(
     })
 }
 
-/// Polls `cond` until it holds or `deadline` passes.
+/// A control-plane deadline (agent start-up, the plugin's timeout, polling) scaled for the
+/// machine the suite runs on: `SLUICE_TEST_TIME_SCALE` (default 1) is set by the kernel matrix,
+/// whose VMs run in software emulation many times slower than real hardware. Deadlines are
+/// there to turn a hang into a failure, never to assert speed; data-plane timeouts (a dropped
+/// connection) are not scaled.
+pub fn scaled(d: Duration) -> Duration {
+    let factor = std::env::var("SLUICE_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&f| f >= 1)
+        .unwrap_or(1);
+    d * factor
+}
+
+/// Polls `cond` until it holds or `deadline` (scaled, see [`scaled`]) passes.
 pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = scaled(deadline);
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < deadline, "timed out waiting for {what}");
@@ -632,7 +647,7 @@ pub fn conf(
         "name": "example-net",
         "type": "sluice-cni",
         "agentSocket": socket,
-        "timeoutMs": 2000,
+        "timeoutMs": scaled(Duration::from_millis(2000)).as_millis() as u64,
         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": ann},
     });
     let mut text = conf.to_string();

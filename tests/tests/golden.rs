@@ -215,3 +215,55 @@ fn the_kernel_holds_exactly_the_golden_text() {
         );
     }
 }
+
+/// When the kernel refuses one message of a batch, the error names that message (which rule of
+/// which chain) and the kernel applies none of the batch. The refused rule jumps to a chain that
+/// does not exist, which every kernel rejects with ENOENT.
+#[test]
+fn a_refused_rule_is_named_and_nothing_is_applied() {
+    use sluice::ruleset::{Base, Chain, Hook, Kind, Match, PRIORITY_DSTNAT, Rule, Verdict};
+    require_root();
+    let ns = Netns::new("sl-gold-refused");
+    let rs = Ruleset {
+        owner: Owner::new("fp", "uid", CONTAINER),
+        chains: vec![Chain {
+            name: "output",
+            base: Some(Base {
+                kind: Kind::Nat,
+                hook: Hook::Output,
+                priority: PRIORITY_DSTNAT,
+            }),
+            rules: vec![
+                Rule {
+                    matches: vec![Match::SkUid(sluice::ruleset::Op::Eq, 1337)],
+                    verdict: Verdict::Return,
+                },
+                Rule {
+                    matches: vec![],
+                    verdict: Verdict::Jump("no-such-chain"),
+                },
+            ],
+        }],
+    };
+    let err = ns
+        .run(move || sluice::nft::apply(&rs).map(drop).map_err(|e| e.to_string()))
+        .expect_err("the kernel refuses a jump to a missing chain");
+    assert!(
+        err.contains("rule 2 of chain output") && err.contains("no-such-chain"),
+        "{err}"
+    );
+    assert!(ns.sluice_table().is_none(), "nothing applied: {err}");
+}
+
+/// The agent's start-up probe, run here directly: on every kernel of the matrix every required
+/// feature works, TPROXY too, and whether batch-end is acknowledged is a definite answer. The
+/// probe's line is printed, so each kernel's log says what it found.
+#[test]
+fn the_kernel_probe_finds_every_required_feature() {
+    require_root();
+    let features = sluice::probe::run().expect("the probe runs");
+    println!("probe: {features:?}");
+    features.required().expect("required features");
+    assert_eq!(features.tproxy, Ok(()), "{features:?}");
+    assert!(features.batch_end_ack.is_ok(), "{features:?}");
+}

@@ -575,3 +575,160 @@ fn a_pod_with_ipv6_disabled_and_no_prevresult_still_attaches() {
         Ok("outbound orig=10.99.0.1:8080".to_owned())
     );
 }
+
+const LINKERD: (&str, &str) = ("linkerd.io/proxy-version", "stable-2.14.10");
+
+/// `n` port ranges of 256 ports each starting at `from`: `from-(from+255),...`.
+fn port_ranges(from: u32, n: u32) -> String {
+    (0..n)
+        .map(|i| format!("{}-{}", from + i * 256, from + i * 256 + 255))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Rules in the pod's sluice table (lines of `nft list table` that are statements).
+fn rule_lines(ns: &Netns) -> usize {
+    ns.sluice_table()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("\t\t") && !l.contains(" hook "))
+        .count()
+}
+
+/// A large legitimate plan (Linkerd skipping 256 outbound and 256 inbound ports, dual-stack:
+/// ~1,000 rules, a batch past the default 208 KiB socket buffer) goes in as one transaction,
+/// and its traffic is right in both families.
+#[test]
+fn a_large_linkerd_plan_attaches_in_one_transaction_and_its_traffic_is_right() {
+    let (topo, _agent) = attached_with(
+        "biglnk",
+        &[POD_CIDR4, POD_CIDR6],
+        &[
+            LINKERD,
+            ("config.linkerd.io/skip-outbound-ports", "1-256"),
+            ("config.linkerd.io/skip-inbound-ports", "1000-1255"),
+        ],
+    );
+    assert!(rule_lines(&topo.pod) > 1000, "{}", rule_lines(&topo.pod));
+    // The harness's listeners are single-family: one per family and port.
+    let _l: Vec<Listener> = ["0.0.0.0", "[::]"]
+        .iter()
+        .flat_map(|any| {
+            [
+                Listener::start(&topo.pod, &format!("{any}:4140"), "outbound"),
+                Listener::start(&topo.pod, &format!("{any}:4143"), "inbound"),
+                Listener::start(&topo.pod, &format!("{any}:1100"), "app1100"),
+                Listener::start(&topo.pod, &format!("{any}:2000"), "app2000"),
+                Listener::start(&topo.peer, &format!("{any}:80"), "peer80"),
+                Listener::start(&topo.peer, &format!("{any}:8080"), "peer8080"),
+            ]
+        })
+        .collect();
+    for (peer, pod) in [(PEER_IP, POD_IP), (PEER_IP6, POD_IP6)] {
+        let at = |ip: &str, port: u16| {
+            if ip.contains(':') {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            }
+        };
+        assert_eq!(
+            label(&connect_as(&topo.pod, APP_UID, APP_UID, &at(peer, 80))),
+            "peer80",
+            "outbound port 80 is skipped ({peer})"
+        );
+        assert_eq!(
+            connect_as(&topo.pod, APP_UID, APP_UID, &at(peer, 8080)),
+            Ok(format!("outbound orig={}", at(peer, 8080)))
+        );
+        assert_eq!(
+            label(&connect_as(&topo.peer, APP_UID, APP_UID, &at(pod, 1100))),
+            "app1100",
+            "inbound port 1100 is skipped ({pod})"
+        );
+        assert_eq!(
+            connect_as(&topo.peer, APP_UID, APP_UID, &at(pod, 2000)),
+            Ok(format!("inbound orig={}", at(pod, 2000)))
+        );
+    }
+}
+
+/// A Linkerd plan with both port lists at their bound (1,024 ports each), dual-stack: ~6,150
+/// rules, a ~1.5 MiB batch, still commits in one transaction (the agent sizes its socket for
+/// the batch).
+#[test]
+fn a_plan_with_every_list_at_its_bound_commits() {
+    let (topo, _agent) = attached_with(
+        "bound",
+        &[POD_CIDR4, POD_CIDR6],
+        &[
+            LINKERD,
+            (
+                "config.linkerd.io/skip-outbound-ports",
+                &port_ranges(1, 4)[..],
+            ),
+            (
+                "config.linkerd.io/skip-inbound-ports",
+                &port_ranges(2001, 4),
+            ),
+        ],
+    );
+    let rules = rule_lines(&topo.pod);
+    assert!(rules > 6000, "{rules}");
+}
+
+/// Absurd plans are refused with code 7 naming the annotation, before anything is applied.
+#[test]
+fn an_absurd_plan_is_refused_naming_the_annotation_and_nothing_is_applied() {
+    require_root();
+    let topo = Topology::new("absurd");
+    let agent = Agent::start("absurd");
+    let five = port_ranges(1, 5);
+    let list = |from: u32| {
+        (from..from + 1024)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (a, b, c) = (list(1), list(2001), list(5001));
+    let cases: [(&[(&str, &str)], &str); 2] = [
+        // One list past its bound (1,280 ports).
+        (
+            &[LINKERD, ("config.linkerd.io/skip-outbound-ports", &five)],
+            "config.linkerd.io/skip-outbound-ports",
+        ),
+        // Every list within its bound, the sum past the per-pod rule bound (~8,200 rules).
+        (
+            &[
+                ("sidecar.istio.io/status", "{}"),
+                ("traffic.sidecar.istio.io/excludeOutboundPorts", &a),
+                ("traffic.sidecar.istio.io/excludeInboundPorts", &b),
+                ("traffic.sidecar.istio.io/includeOutboundPorts", &c),
+            ],
+            "rules, more than the 8192",
+        ),
+    ];
+    for (annotations, expect) in cases {
+        let stdin = conf(
+            "1.0.0",
+            &agent.socket_str(),
+            annotations,
+            Some(&prev_result_with("1.0.0", &[POD_CIDR4, POD_CIDR6])),
+        );
+        let run = cni("ADD", "absurd", &topo.pod.path(), &stdin);
+        assert_eq!(run.exit, 1, "{run:?}");
+        assert_eq!(run.error_code(), 7, "{run:?}");
+        let msg = run.json()["msg"].as_str().unwrap_or_default().to_owned();
+        assert!(msg.contains(expect), "{msg}");
+        assert!(msg.contains("annotation "), "names the annotation: {msg}");
+        assert!(
+            msg.len() < 1024,
+            "the error quotes a bounded excerpt: {msg}"
+        );
+        assert!(topo.pod.sluice_table().is_none(), "nothing applied");
+        assert!(
+            !topo.pod.ip(&["link", "show", "lo"]).contains(",UP"),
+            "lo untouched"
+        );
+    }
+}

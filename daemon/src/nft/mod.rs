@@ -10,6 +10,7 @@ mod batch;
 mod ffi;
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use nftnl::FinalizedBatch;
 use nftnl::nftnl_sys::libc;
@@ -20,11 +21,46 @@ use crate::ruleset::{Owner, Ruleset, TABLE};
 pub enum NftError {
     #[error("opening a netfilter netlink socket: {0}")]
     Socket(#[source] io::Error),
-    #[error("the kernel rejected the nftables batch: {0}")]
-    Batch(#[source] io::Error),
+    /// The kernel refused one message of the batch (and so applied none of it).
+    #[error("the kernel rejected {message} of the nftables batch: {source}")]
+    Rejected {
+        /// Which message: e.g. `rule 3 of chain inbound (…)`, `table inet sluice`.
+        message: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sending the nftables batch ({bytes} bytes): {source}")]
+    Send {
+        bytes: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("receiving the kernel's answer to the nftables batch: {0}")]
+    Receive(#[source] io::Error),
+    #[error("{step}: the kernel did not answer within {timeout:?}")]
+    Timeout {
+        step: &'static str,
+        timeout: Duration,
+    },
     #[error("reading nftables state back from the kernel: {0}")]
     Dump(#[source] io::Error),
 }
+
+impl NftError {
+    /// The errno the kernel answered a batch message with, if that is what failed.
+    fn rejected_with(&self) -> Option<i32> {
+        match self {
+            NftError::Rejected { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// The longest any receive on an nf_tables socket may wait. The kernel processes a batch (and
+/// a dump's first part) inside the `sendmsg` call, so its answer is already queued when `send`
+/// returns; waiting longer than this means no answer is coming, never that the kernel is slow.
+/// Kept well under the plugin's default 8 s so the CNI error names this step.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// What the kernel holds in our table, in comparable form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +90,7 @@ impl LiveTable {
 /// atomic replace follows, so re-apply stays idempotent. `Ok(true)` when a table was replaced.
 pub fn apply(rs: &Ruleset) -> Result<bool, NftError> {
     match send(&batch::install(rs, batch::Mode::Create)) {
-        Err(NftError::Batch(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+        Err(e) if e.rejected_with() == Some(libc::EEXIST) => {
             send(&batch::install(rs, batch::Mode::Replace)).map(|()| true)
         }
         other => other.map(|()| false),
@@ -65,7 +101,7 @@ pub fn apply(rs: &Ruleset) -> Result<bool, NftError> {
 pub fn remove() -> Result<bool, NftError> {
     match send(&batch::delete()) {
         Ok(()) => Ok(true),
-        Err(NftError::Batch(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) if e.rejected_with() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -208,8 +244,17 @@ pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
     out
 }
 
+/// A netfilter netlink socket of the calling thread's namespace. Every receive on it is
+/// bounded by [`RECEIVE_TIMEOUT`]; error answers carry only the failing message's header
+/// (NETLINK_CAP_ACK), so a batch with many failing rules cannot overflow the receive buffer
+/// with echoed payloads.
 fn socket() -> Result<mnl::Socket, NftError> {
-    mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)?;
+    ffi::set_receive_timeout(&socket, RECEIVE_TIMEOUT).map_err(NftError::Socket)?;
+    // Best effort: without it (kernels before 4.3) errors echo the whole message, which only
+    // costs receive-buffer space.
+    let _ = ffi::set_int_option(&socket, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
+    Ok(socket)
 }
 
 fn recv_buffer() -> Vec<u8> {
@@ -217,79 +262,276 @@ fn recv_buffer() -> Vec<u8> {
     vec![0u8; nftnl::nft_nlmsg_maxsize() as usize]
 }
 
-/// Sends a batch as one datagram and waits for the kernel's verdict on the whole
-/// transaction. Only the batch-end message asks for an ACK: the kernel reports an error for
-/// any failing message regardless (and then applies nothing), so per-message ACKs would only
-/// cost one extra receive each.
+/// Bytes the kernel keeps out of `SO_SNDBUF` for its own accounting: netlink refuses a
+/// datagram longer than `sk_sndbuf - 32`.
+const SNDBUF_SLACK: usize = 32;
+
+/// `NETLINK_CAP_ACK` (linux/netlink.h), which the libc crate does not export for Linux.
+const NETLINK_CAP_ACK: libc::c_int = 10;
+
+/// Makes the socket's send buffer large enough for one datagram of `len` bytes, as `nft` does:
+/// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which the agent holds, may exceed `wmem_max`), falling
+/// back to `SO_SNDBUF`. A large plan must never fail because its batch outgrew the default
+/// buffer (~208 KiB).
+fn size_send_buffer(socket: &mnl::Socket, len: usize) -> Result<(), NftError> {
+    let fits = |have: libc::c_int| usize::try_from(have).unwrap_or(0) >= len + SNDBUF_SLACK;
+    let current =
+        ffi::int_option(socket, libc::SOL_SOCKET, libc::SO_SNDBUF).map_err(NftError::Socket)?;
+    if fits(current) {
+        return Ok(());
+    }
+    // The kernel doubles the value it is given; ask for the whole length anyway.
+    let want = libc::c_int::try_from(len + SNDBUF_SLACK).unwrap_or(libc::c_int::MAX);
+    if ffi::set_int_option(socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want).is_err() {
+        let _ = ffi::set_int_option(socket, libc::SOL_SOCKET, libc::SO_SNDBUF, want);
+    }
+    let now =
+        ffi::int_option(socket, libc::SOL_SOCKET, libc::SO_SNDBUF).map_err(NftError::Socket)?;
+    if fits(now) {
+        Ok(())
+    } else {
+        Err(NftError::Send {
+            bytes: len,
+            source: io::Error::other(format!(
+                "the socket send buffer cannot be raised past {now} bytes (net.core.wmem_max) and CAP_NET_ADMIN is missing"
+            )),
+        })
+    }
+}
+
+/// Sends a batch as one datagram and waits for the kernel's verdict on the whole transaction.
+///
+/// Which message asks for the ACK matters, because kernels differ: before Linux 6.10 the
+/// kernel ignores NLM_F_ACK on the batch-end message, so waiting for that ACK hangs forever
+/// (and 6.10+ answers it only on a successful commit). Every kernel honours NLM_F_ACK on the
+/// messages *inside* a batch, so the ACK is requested on the last of those and on nothing else.
+/// That ACK proves the commit on every kernel, because nfnetlink queues per-message answers
+/// and delivers them only after the transaction ends: if any message failed, its error is
+/// delivered first (and the batch is aborted); if the commit itself failed, the kernel sends
+/// that error (on the batch's first message) before delivering the queued answers; only a
+/// committed batch yields our ACK with no error before it. [`prepare`] checks the batch ends
+/// with a batch-end message, without which the kernel would abort and still deliver the ACK.
 fn send(batch: &FinalizedBatch) -> Result<(), NftError> {
     let mut buf: Vec<u8> = batch.iter().flatten().copied().collect();
-    let last_seq = ack_only_last(&mut buf)
-        .ok_or_else(|| NftError::Batch(io::Error::other("empty nftables batch")))?;
+    let ack_seq = prepare(&mut buf).map_err(|why| NftError::Send {
+        bytes: buf.len(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, why),
+    })?;
     let socket = socket()?;
-    let sent = socket.send(&buf).map_err(NftError::Batch)?;
+    size_send_buffer(&socket, buf.len())?;
+    let send_error = |source| NftError::Send {
+        bytes: buf.len(),
+        source,
+    };
+    let sent = socket.send(&buf).map_err(send_error)?;
     if sent < buf.len() {
-        return Err(NftError::Batch(io::Error::other(
-            "short send of the nftables batch",
-        )));
+        return Err(send_error(io::Error::other("short send")));
     }
+    if wait_for_ack(&socket, &buf, ack_seq, RECEIVE_TIMEOUT)? {
+        Ok(())
+    } else {
+        Err(NftError::Timeout {
+            step: "waiting for the kernel's verdict on the nftables batch",
+            timeout: RECEIVE_TIMEOUT,
+        })
+    }
+}
+
+/// Reads the kernel's answers to `batch` until the ACK of `ack_seq` (`Ok(true)`), an error
+/// for one of its messages (which names it), or no ACK within `limit` (`Ok(false)`): every
+/// receive is bounded by the socket's timeout, and unrelated messages (none are expected on a
+/// unicast socket) do not extend the wait.
+fn wait_for_ack(
+    socket: &mnl::Socket,
+    batch: &[u8],
+    ack_seq: u32,
+    limit: Duration,
+) -> Result<bool, NftError> {
+    let deadline = Instant::now() + limit;
     let mut buffer = recv_buffer();
-    loop {
-        let n = socket.recv_raw(&mut buffer[..]).map_err(NftError::Batch)?;
+    while Instant::now() < deadline {
+        let n = match socket.recv_raw(&mut buffer[..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(NftError::Receive(e)),
+        };
         for (seq, error) in errors(&buffer[..n]) {
             if error != 0 {
-                return Err(NftError::Batch(io::Error::from_raw_os_error(-error)));
+                return Err(NftError::Rejected {
+                    message: describe(batch, seq),
+                    source: io::Error::from_raw_os_error(-error),
+                });
             }
-            if seq == last_seq {
-                return Ok(());
+            if seq == ack_seq {
+                return Ok(true);
             }
         }
     }
+    Ok(false)
+}
+
+/// Whether the kernel acknowledges the batch-end message (Linux 6.10+), found by asking:
+/// installs `rs` (an atomic replace) with the ACK asked of batch-end alone. The kernel answers
+/// a batch inside `sendmsg`, so an ACK that is coming is queued by the time `send` returns; a
+/// short wait tells. Only reported at start-up: [`send`] works without it.
+pub fn batch_end_acked(rs: &Ruleset) -> Result<bool, NftError> {
+    let batch = batch::install(rs, batch::Mode::Replace);
+    let mut buf: Vec<u8> = batch.iter().flatten().copied().collect();
+    let invalid = |why: &str| NftError::Send {
+        bytes: 0,
+        source: io::Error::new(io::ErrorKind::InvalidInput, why.to_owned()),
+    };
+    let inner_seq = prepare(&mut buf).map_err(invalid)?;
+    let msgs = headers(&buf);
+    let ack = libc::NLM_F_ACK as u16;
+    let end_seq = inner_seq.wrapping_add(1);
+    for (i, &(off, ..)) in msgs.iter().enumerate() {
+        let mut flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]) & !ack;
+        if i == msgs.len() - 1 {
+            flags |= ack;
+            buf[off + 8..off + 12].copy_from_slice(&end_seq.to_ne_bytes());
+        }
+        buf[off + 6..off + 8].copy_from_slice(&flags.to_ne_bytes());
+    }
+    let socket = socket()?;
+    let short = Duration::from_millis(200);
+    ffi::set_receive_timeout(&socket, short).map_err(NftError::Socket)?;
+    size_send_buffer(&socket, buf.len())?;
+    socket.send(&buf).map_err(|source| NftError::Send {
+        bytes: buf.len(),
+        source,
+    })?;
+    wait_for_ack(&socket, &buf, end_seq, short)
 }
 
 const NLMSG_HDRLEN: usize = 16;
 
-/// Clears NLM_F_ACK on every message but the last and returns the last one's sequence number.
-fn ack_only_last(buf: &mut [u8]) -> Option<u32> {
-    let mut offsets = Vec::new();
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().ok()?) as usize;
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            break;
-        }
-        offsets.push(off);
-        off += (len + 3) & !3;
-    }
-    let (&last, rest) = offsets.split_last()?;
-    for &o in rest {
-        let flags = u16::from_ne_bytes([buf[o + 6], buf[o + 7]]) & !(libc::NLM_F_ACK as u16);
-        buf[o + 6..o + 8].copy_from_slice(&flags.to_ne_bytes());
-    }
-    Some(u32::from_ne_bytes(
-        buf[last + 8..last + 12].try_into().ok()?,
-    ))
-}
-
-/// (sequence number, error) of every NLMSG_ERROR message in a reply; error 0 is an ACK.
-fn errors(buf: &[u8]) -> Vec<(u32, i32)> {
+/// (offset, type, sequence number) of every complete message in a buffer.
+fn headers(buf: &[u8]) -> Vec<(usize, u16, u32)> {
     let mut out = Vec::new();
     let mut off = 0;
-    while off + NLMSG_HDRLEN + 4 <= buf.len() {
+    while off + NLMSG_HDRLEN <= buf.len() {
         let word = |at: usize| [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
         let len = u32::from_ne_bytes(word(off)) as usize;
         if len < NLMSG_HDRLEN || off + len > buf.len() {
             break;
         }
         let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        if kind == libc::NLMSG_ERROR as u16 {
-            out.push((
-                u32::from_ne_bytes(word(off + 8)),
-                i32::from_ne_bytes(word(off + NLMSG_HDRLEN)),
-            ));
-        }
+        out.push((off, kind, u32::from_ne_bytes(word(off + 8))));
         off += (len + 3) & !3;
     }
     out
+}
+
+/// Checks that `buf` is one whole batch (batch-begin, at least one message, batch-end), sets
+/// NLM_F_ACK on the last message inside it and clears it everywhere else (see [`send`]).
+/// Returns that message's sequence number.
+fn prepare(buf: &mut [u8]) -> Result<u32, &'static str> {
+    let msgs = headers(buf);
+    let begin = libc::NFNL_MSG_BATCH_BEGIN as u16;
+    let end = libc::NFNL_MSG_BATCH_END as u16;
+    let [(_, first, _), inner @ .., (_, last, _)] = msgs.as_slice() else {
+        return Err("not a batch: fewer than two messages");
+    };
+    if *first != begin || *last != end {
+        return Err("not a batch: it must start with batch-begin and end with batch-end");
+    }
+    let Some(&(_, _, ack_seq)) = inner.last() else {
+        return Err("an empty batch");
+    };
+    if inner
+        .iter()
+        .any(|&(_, kind, _)| kind == begin || kind == end)
+    {
+        return Err("a batch nested in a batch");
+    }
+    let ack = libc::NLM_F_ACK as u16;
+    let last_inner = inner.len(); // index in `msgs`
+    for (i, &(off, ..)) in msgs.iter().enumerate() {
+        let mut flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]) & !ack;
+        if i == last_inner {
+            flags |= ack;
+        }
+        buf[off + 6..off + 8].copy_from_slice(&flags.to_ne_bytes());
+    }
+    Ok(ack_seq)
+}
+
+/// Names the batch message with sequence number `seq`, for an error: which table, chain or
+/// rule the kernel refused. Bounded in length.
+fn describe(batch: &[u8], seq: u32) -> String {
+    const MAX: usize = 200;
+    let subsys = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8;
+    let kind = |m: libc::c_int| subsys | m as u16;
+    let mut rules_seen: Vec<(String, usize)> = Vec::new();
+    for nlh in ffi::messages(batch) {
+        let t = nlh.nlmsg_type;
+        let rule = (t == kind(libc::NFT_MSG_NEWRULE))
+            .then(|| ffi::parse_rule(nlh))
+            .flatten()
+            .map(|r| {
+                let n = match rules_seen.iter_mut().find(|(c, _)| *c == r.chain) {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        rules_seen.push((r.chain.clone(), 1));
+                        1
+                    }
+                };
+                (r, n)
+            });
+        if nlh.nlmsg_seq != seq {
+            continue;
+        }
+        let text = if t == libc::NFNL_MSG_BATCH_BEGIN as u16 {
+            "the transaction as a whole (commit)".to_owned()
+        } else if t == kind(libc::NFT_MSG_NEWTABLE) {
+            format!("the creation of table inet {TABLE}")
+        } else if t == kind(libc::NFT_MSG_DELTABLE) {
+            format!("the deletion of table inet {TABLE}")
+        } else if t == kind(libc::NFT_MSG_NEWCHAIN) {
+            let name = ffi::parse_chain(nlh).map(|c| c.name).unwrap_or_default();
+            format!("chain {name}")
+        } else if let Some((r, n)) = rule {
+            let exprs = r.exprs.split_whitespace().collect::<Vec<_>>().join(" ");
+            format!("rule {n} of chain {} ({exprs})", r.chain)
+        } else {
+            format!("message {seq} (type {t:#x})")
+        };
+        return bounded(text, MAX);
+    }
+    format!("message {seq} (not in the batch)")
+}
+
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// (sequence number, error) of every NLMSG_ERROR message in a reply; error 0 is an ACK.
+fn errors(buf: &[u8]) -> Vec<(u32, i32)> {
+    headers(buf)
+        .into_iter()
+        .filter(|&(off, kind, _)| {
+            kind == libc::NLMSG_ERROR as u16 && off + NLMSG_HDRLEN + 4 <= buf.len()
+        })
+        .map(|(off, _, seq)| {
+            let at = off + NLMSG_HDRLEN;
+            (
+                seq,
+                i32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]),
+            )
+        })
+        .collect()
 }
 
 /// Runs one nf_tables dump request for the `inet` family and feeds every reply message to
@@ -304,7 +546,16 @@ fn dump(msg: u16, mut each: impl FnMut(&libc::nlmsghdr)) -> Result<(), NftError>
     let mut buffer = recv_buffer();
     let mut sink: &mut dyn FnMut(&libc::nlmsghdr) = &mut each;
     loop {
-        let n = socket.recv_raw(&mut buffer[..]).map_err(NftError::Dump)?;
+        let n = match socket.recv_raw(&mut buffer[..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(NftError::Timeout {
+                    step: "reading nftables state back from the kernel",
+                    timeout: RECEIVE_TIMEOUT,
+                });
+            }
+            Err(e) => return Err(NftError::Dump(e)),
+        };
         let done =
             mnl::cb_run2(&buffer[..n], seq, portid, callback, &mut sink).map_err(NftError::Dump)?;
         if matches!(done, mnl::CbResult::Stop) {
@@ -354,22 +605,49 @@ mod tests {
         m
     }
 
+    fn flags(buf: &[u8]) -> Vec<u16> {
+        headers(buf)
+            .iter()
+            .map(|&(o, ..)| u16::from_ne_bytes([buf[o + 6], buf[o + 7]]))
+            .collect()
+    }
+
+    const BEGIN: u16 = libc::NFNL_MSG_BATCH_BEGIN as u16;
+    const END: u16 = libc::NFNL_MSG_BATCH_END as u16;
+    const ACK: u16 = libc::NLM_F_ACK as u16;
+
+    /// The regression behind Linux < 6.10 hanging: the ACK must be asked of the last message
+    /// *inside* the batch, never of batch-end (which old kernels never acknowledge).
     #[test]
-    fn only_the_last_message_keeps_its_ack_flag() {
-        let ack = libc::NLM_F_ACK as u16;
+    fn the_ack_is_asked_of_the_last_message_inside_the_batch_only() {
         let mut buf = [
-            msg(7, 16, ack, &[1, 2, 3]),
-            msg(8, 0xa00, ack | 1, &[]),
-            msg(9, 17, ack, &[0; 4]),
+            msg(0, BEGIN, 1 | ACK, &[0; 4]),
+            msg(1, 0xa00, ACK | 1, &[1, 2, 3]),
+            msg(2, 0xa03, 1, &[0; 4]),
+            msg(3, END, 1 | ACK, &[0; 4]),
         ]
         .concat();
-        assert_eq!(ack_only_last(&mut buf), Some(9));
-        let flags: Vec<u16> = [0, 20, 36]
-            .iter()
-            .map(|&o| u16::from_ne_bytes([buf[o + 6], buf[o + 7]]))
-            .collect();
-        assert_eq!(flags, vec![0, 1, ack]);
-        assert_eq!(ack_only_last(&mut []), None);
+        assert_eq!(prepare(&mut buf), Ok(2));
+        assert_eq!(flags(&buf), vec![1, 1, 1 | ACK, 1]);
+    }
+
+    #[test]
+    fn anything_but_one_whole_batch_is_refused_before_sending() {
+        let m = |seq, kind| msg(seq, kind, 1, &[0; 4]);
+        assert!(prepare(&mut []).is_err());
+        assert!(prepare(&mut [m(0, BEGIN), m(1, END)].concat()).is_err());
+        // No batch-end: the kernel would abort the transaction yet deliver our ACK.
+        assert!(prepare(&mut [m(0, BEGIN), m(1, 0xa00), m(2, 0xa03)].concat()).is_err());
+        assert!(prepare(&mut [m(1, 0xa00), m(2, END)].concat()).is_err());
+        assert!(prepare(&mut [m(0, BEGIN), m(1, BEGIN), m(2, 0xa00), m(3, END)].concat()).is_err());
+    }
+
+    #[test]
+    fn long_descriptions_are_bounded() {
+        let s = bounded("é".repeat(300), 201);
+        assert!(s.len() <= 204, "{}", s.len());
+        assert!(s.ends_with('…'));
+        assert_eq!(bounded("short".into(), 200), "short");
     }
 
     #[test]

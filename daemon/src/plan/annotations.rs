@@ -203,10 +203,22 @@ pub(super) fn apply_overrides(
     Ok(())
 }
 
+/// Longest excerpt of an annotation value an error quotes (annotations may be 256 KiB).
+const MAX_EXCERPT: usize = 120;
+
 pub(super) fn invalid(annotation: &str, value: &str, reason: impl Into<String>) -> PlanError {
+    let mut excerpt = value.to_owned();
+    if excerpt.len() > MAX_EXCERPT {
+        let mut cut = MAX_EXCERPT;
+        while !excerpt.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        excerpt.truncate(cut);
+        excerpt.push('…');
+    }
     PlanError {
         annotation: annotation.to_owned(),
-        value: value.to_owned(),
+        value: excerpt,
         reason: reason.into(),
     }
 }
@@ -367,11 +379,34 @@ pub(super) fn interface(s: &str) -> Result<String, String> {
     }
 }
 
+/// Most items one list annotation may hold (ports after expanding ranges, CIDRs, names).
+/// Each item becomes a rule per captured family, so this bounds a plan before anything is
+/// rendered; [`super::MAX_RULES`] bounds the sum over all lists.
+pub const MAX_LIST_ITEMS: usize = 1024;
+
+/// Refuses a list longer than [`MAX_LIST_ITEMS`].
+pub(super) fn bounded<T>(items: Vec<T>) -> Result<Vec<T>, String> {
+    if items.len() > MAX_LIST_ITEMS {
+        Err(format!(
+            "{} items, more than the {MAX_LIST_ITEMS} a list may hold",
+            items.len()
+        ))
+    } else {
+        Ok(items)
+    }
+}
+
 /// A comma-separated list. The empty string is the empty list; an empty item (`80,,90`,
 /// `80,`) is an error because it is almost always a templating mistake.
 pub(super) fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
     if s.trim().is_empty() {
         return Ok(Vec::new());
+    }
+    let count = s.split(',').count();
+    if count > MAX_LIST_ITEMS {
+        return Err(format!(
+            "{count} items, more than the {MAX_LIST_ITEMS} a list may hold"
+        ));
     }
     s.split(',')
         .map(|part| {

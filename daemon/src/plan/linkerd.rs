@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::annotations::{cidr, get, id, list, ports_or_range};
+use super::annotations::{bounded, cidr, get, id, list, ports_or_range};
 use super::{Loopback, PlanError, RedirectPlan};
 
 /// Present on every pod the Linkerd injector has processed.
@@ -36,7 +36,7 @@ pub fn keys() -> &'static [&'static str] {
 }
 
 fn port_list(v: &str) -> Result<Vec<u16>, String> {
-    list(v, ports_or_range).map(|lists| lists.into_iter().flatten().collect())
+    list(v, ports_or_range).and_then(|lists| bounded(lists.into_iter().flatten().collect()))
 }
 
 pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<RedirectPlan, PlanError> {

@@ -14,6 +14,41 @@ use sha2::{Digest, Sha256};
 
 pub use annotations::{ANNOTATION_PREFIX, REDIRECT, SYSCTL_ALLOW_LIST, native_keys};
 
+/// Most rules one pod's table may hold. A rule is ~250 bytes in the netlink batch, so a plan
+/// at this bound is a ~2 MiB transaction, which the agent sizes its socket for. Every Linkerd
+/// plan with its lists within [`MAX_LIST_ITEMS`] fits (~6,150 rules dual-stack); real pods
+/// are far smaller. Checked before anything is applied.
+pub const MAX_RULES: usize = 8192;
+
+pub use annotations::MAX_LIST_ITEMS;
+
+/// The error for a plan of `rules` rules, more than [`MAX_RULES`]: it names the list
+/// annotation with the most items, the one to shorten.
+pub fn too_many_rules(annotations: &BTreeMap<String, String>, rules: usize) -> PlanError {
+    // Items of a list value, counting a numeric range `a-b` as its span.
+    let items = |v: &str| -> usize {
+        v.split(',')
+            .map(|part| match part.trim().split_once('-') {
+                Some((a, b)) => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+                    (Ok(a), Ok(b)) if b >= a => (b - a + 1) as usize,
+                    _ => 1,
+                },
+                None => 1,
+            })
+            .sum()
+    };
+    let (key, value) = all_annotation_keys()
+        .into_iter()
+        .filter_map(|k| annotations.get(k).map(|v| (k, v.as_str())))
+        .max_by_key(|(_, v)| items(v))
+        .unwrap_or(("", ""));
+    annotations::invalid(
+        key,
+        value,
+        format!("the plan needs {rules} rules, more than the {MAX_RULES} one pod may have"),
+    )
+}
+
 /// Every annotation key any profile reads (native, Istio, Linkerd), for docs and checks.
 pub fn all_annotation_keys() -> Vec<&'static str> {
     let mut keys = native_keys().to_vec();

@@ -471,3 +471,55 @@ fn tproxy_mode_native_and_istio() {
     );
     assert_eq!(plan.exclude_inbound_ports, vec![15020, 15021, 15090]);
 }
+
+/// `a-b,c-d,...`: `n` ranges of 256 ports each, from port 1.
+fn port_ranges(n: u16) -> String {
+    (0..n)
+        .map(|i| format!("{}-{}", i * 256 + 1, i * 256 + 256))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn a_list_longer_than_the_bound_is_refused_naming_its_annotation() {
+    // 1,280 ports after expanding the ranges.
+    let e = error(&[
+        LINKERD,
+        ("config.linkerd.io/skip-outbound-ports", &port_ranges(5)),
+    ]);
+    assert_eq!(e.annotation, "config.linkerd.io/skip-outbound-ports");
+    assert!(e.reason.contains("1280 items"), "{e}");
+    // A raw list that long is refused before its items are parsed; the error quotes a bounded
+    // excerpt of the value, not all of it.
+    let ports = (1..=2000)
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let e = error(&[
+        ("sluice.dev/redirect", "enabled"),
+        ("sluice.dev/exclude-outbound-ports", &ports),
+    ]);
+    assert_eq!(e.annotation, "sluice.dev/exclude-outbound-ports");
+    assert!(e.to_string().len() < 400, "{e}");
+    // At the bound it is accepted.
+    let ok = ann(&[
+        LINKERD,
+        ("config.linkerd.io/skip-outbound-ports", &port_ranges(4)),
+    ]);
+    assert!(matches!(
+        decide4(&ok, &PlanDefaults::default()),
+        Ok(Decision::Capture { .. })
+    ));
+}
+
+#[test]
+fn too_many_rules_names_the_largest_list() {
+    let a = ann(&[
+        LINKERD,
+        ("config.linkerd.io/skip-outbound-ports", "1-10"),
+        ("config.linkerd.io/skip-inbound-ports", &port_ranges(4)),
+    ]);
+    let e = too_many_rules(&a, 5000);
+    assert_eq!(e.annotation, "config.linkerd.io/skip-inbound-ports");
+    assert!(e.reason.contains("5000 rules"), "{e}");
+}
