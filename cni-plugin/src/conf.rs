@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::error::{CniError, DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENV};
@@ -28,8 +28,20 @@ pub struct NetConf {
     pub cni_version: String,
     #[serde(rename = "prevResult")]
     pub prev_result: Option<Box<RawValue>>,
-    #[serde(rename = "runtimeConfig", default)]
+    #[serde(
+        rename = "runtimeConfig",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub runtime_config: RuntimeConfig,
+    /// GC (CNI 1.1): the attachments the runtime still considers alive. libcni injects this
+    /// at the top level of each plugin's config (not under `runtimeConfig`).
+    #[serde(
+        rename = "cni.dev/valid-attachments",
+        default,
+        deserialize_with = "null_as_default"
+    )]
+    pub valid_attachments: Vec<ValidAttachment>,
     /// Our own conflist keys.
     #[serde(rename = "agentSocket")]
     pub agent_socket: Option<String>,
@@ -37,12 +49,31 @@ pub struct NetConf {
     pub timeout_ms: Option<u64>,
 }
 
+/// Real runtimes send `null` where a map or list is empty: containerd sends
+/// `"io.kubernetes.cri.pod-annotations": null` for a pod without annotations. `null` and
+/// absent both mean empty.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct RuntimeConfig {
-    #[serde(rename = "io.kubernetes.cri.pod-annotations", default)]
+    #[serde(
+        rename = "io.kubernetes.cri.pod-annotations",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub pod_annotations: HashMap<String, String>,
-    /// GC: the attachments the runtime still considers alive.
-    #[serde(rename = "cni.dev/valid-attachments", default)]
+    /// GC: the same list, where runtimes other than libcni's may put it.
+    #[serde(
+        rename = "cni.dev/valid-attachments",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub valid_attachments: Vec<ValidAttachment>,
 }
 
@@ -50,6 +81,7 @@ pub struct RuntimeConfig {
 pub struct ValidAttachment {
     #[serde(rename = "containerID")]
     pub container_id: String,
+    // `ifname` is there too; unused until the agent keys attachments by interface.
 }
 
 impl NetConf {
@@ -66,6 +98,13 @@ impl NetConf {
             .details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))));
         }
         Ok(conf)
+    }
+
+    /// Every attachment the runtime says is alive, wherever it put the list.
+    pub fn valid_attachments(&self) -> impl Iterator<Item = &ValidAttachment> {
+        self.valid_attachments
+            .iter()
+            .chain(&self.runtime_config.valid_attachments)
     }
 
     pub fn socket(&self) -> &str {

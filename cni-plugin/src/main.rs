@@ -157,32 +157,50 @@ fn status(conf: &NetConf) -> Result<Output, CniError> {
     }
 }
 
-/// GC: forget attachments the runtime no longer knows (their netns are gone or going).
+/// GC: forget attachments the runtime no longer knows (their netns are gone or going). An
+/// attachment whose container the runtime lists as valid is never touched (the agent does not
+/// record interface names yet, so any valid (container, ifname) keeps the container's
+/// capture). One failed cleanup does not stop the others; all failures are reported.
 fn gc(conf: &NetConf) -> Result<Output, CniError> {
     let valid: std::collections::HashSet<&str> = conf
-        .runtime_config
-        .valid_attachments
-        .iter()
+        .valid_attachments()
         .map(|a| a.container_id.as_str())
         .collect();
     let list = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
         c.list(ListRequest {}).await
     })?;
+    let mut failures = Vec::new();
     for stale in list
         .attachments
         .into_iter()
         .filter(|a| !valid.contains(a.container_id.as_str()))
     {
+        let id = stale.container_id.clone();
         let request = DetachRequest {
             container_id: stale.container_id,
             netns: stale.netns,
             ifname: String::new(),
         };
-        agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+        if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
             c.detach(request).await
-        })?;
+        }) {
+            failures.push((id, e));
+        }
     }
-    Ok(Output::Nothing)
+    match failures.as_slice() {
+        [] => Ok(Output::Nothing),
+        [(_, first), ..] => Err(CniError::new(
+            first.code,
+            format!("GC could not clean {} stale attachment(s)", failures.len()),
+        )
+        .details(
+            failures
+                .iter()
+                .map(|(id, e)| format!("{id}: {}", e.msg))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
 }
 
 fn main() {

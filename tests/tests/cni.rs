@@ -286,3 +286,68 @@ fn add_without_the_annotation_never_calls_the_agent() {
     assert_eq!(run.exit, 0, "{run:?}");
     assert_eq!(run.stdout, prev_result("1.0.0"));
 }
+
+/// The shapes real runtimes send for a pod that did not opt in: containerd sends
+/// `"io.kubernetes.cri.pod-annotations": null` for a pod without annotations; `null` also
+/// stands for other empty sections. Every one passes through with prevResult unchanged and no
+/// agent.
+#[test]
+fn a_pod_without_annotations_in_every_null_shape_passes_through_without_the_agent() {
+    let prev = prev_result("1.0.0");
+    let base = |runtime_config: &str| {
+        format!(
+            r#"{{"capabilities":{{"io.kubernetes.cri.pod-annotations":true,"portMappings":true}},"cniVersion":"1.0.0","name":"example-net","type":"sluice-cni","agentSocket":"/nonexistent/agent.sock","prevResult":{prev},"runtimeConfig":{runtime_config}}}"#
+        )
+    };
+    for stdin in [
+        base(r#"{"io.kubernetes.cri.pod-annotations":null}"#),
+        base(r#"{"io.kubernetes.cri.pod-annotations":null,"portMappings":null}"#),
+        base("null"),
+        base("{}"),
+        base(r#"{"io.kubernetes.cri.pod-annotations":{}}"#),
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"sluice-cni","capabilities":null,"agentSocket":null,"timeoutMs":null,"prevResult":{prev}}}"#
+        ),
+    ] {
+        let run = cni("ADD", "nulls", "/var/run/netns/does-not-matter", &stdin);
+        assert_eq!(run.exit, 0, "{stdin}\n{run:?}");
+        assert_eq!(run.stdout, prev, "{stdin}");
+    }
+}
+
+/// GC as libcni sends it (CNI 1.1): `cni.dev/valid-attachments` at the top level of the
+/// plugin's config. A valid attachment stays captured; a stale one is cleaned.
+#[test]
+fn gc_keeps_valid_attachments_and_cleans_stale_ones() {
+    require_root();
+    let agent = Agent::start("gc");
+    let (live, stale) = (Netns::new("sl-gc-live"), Netns::new("sl-gc-stale"));
+    for (id, ns) in [("gc-live", &live), ("gc-stale", &stale)] {
+        let stdin = conf(
+            "1.1.0",
+            &agent.socket_str(),
+            &redirect(),
+            Some(&prev_result("1.1.0")),
+        );
+        assert_eq!(cni("ADD", id, &ns.path(), &stdin).exit, 0);
+    }
+    let stdin = format!(
+        r#"{{"cniVersion":"1.1.0","name":"example-net","type":"sluice-cni","agentSocket":"{}","cni.dev/valid-attachments":[{{"containerID":"gc-live","ifname":"eth0"}}]}}"#,
+        agent.socket_str()
+    );
+    let run = cni("GC", "", "", &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert!(
+        live.sluice_table().is_some(),
+        "a valid attachment is never touched"
+    );
+    assert!(
+        stale.sluice_table().is_none(),
+        "a stale attachment is cleaned"
+    );
+    let list = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
+    assert!(
+        list.contains("gc-live") && !list.contains("gc-stale"),
+        "{list}"
+    );
+}

@@ -96,6 +96,19 @@ fn a_pod_without_the_annotation_is_not_touched_and_the_agent_is_not_called() {
     e.containerd
         .stop_and_remove(&id)
         .expect("Stop/Remove of an uncaptured pod");
+    // No annotations at all, as kubelet sends most pods: containerd then hands the plugin
+    // `"io.kubernetes.cri.pod-annotations": null`.
+    let bare = e
+        .containerd
+        .run_pod("bare", &[])
+        .unwrap_or_else(|m| panic!("RunPodSandbox of a pod without annotations: {m}"));
+    assert_eq!(
+        Netns::existing(&e.containerd.netns_of(&bare)).sluice_table(),
+        None
+    );
+    e.containerd
+        .stop_and_remove(&bare)
+        .expect("Stop/Remove of a pod without annotations");
 }
 
 #[test]
