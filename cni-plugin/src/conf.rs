@@ -84,11 +84,26 @@ pub struct ValidAttachment {
     // `ifname` is there too; unused until the agent keys attachments by interface.
 }
 
+/// The most stdin the plugin reads. Kubernetes caps a pod's annotations at 256 KiB in all,
+/// so a real network config is far smaller; anything larger is refused unread.
+pub const MAX_STDIN: usize = 1024 * 1024;
+
+/// At most 120 characters of `input`, for an error message.
+pub fn excerpt(input: &[u8]) -> String {
+    const MAX: usize = 120;
+    let text = String::from_utf8_lossy(&input[..input.len().min(MAX * 4)]);
+    let mut out: String = text.chars().take(MAX).collect();
+    if out.len() < text.len() || input.len() > MAX * 4 {
+        out.push('…');
+    }
+    out
+}
+
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
         let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(DECODE_FAILURE, "cannot decode the network config on stdin")
-                .details(e.to_string())
+                .details(format!("{e}; input begins: {}", excerpt(stdin)))
         })?;
         if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(

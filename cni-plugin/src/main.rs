@@ -206,7 +206,21 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
 fn main() {
     let env = Env::from_env(|k| std::env::var(k).ok());
     let mut stdin = Vec::new();
-    let read = std::io::stdin().read_to_end(&mut stdin);
+    // One byte past the limit tells "too large" from "exactly at it" without reading more.
+    let read = std::io::stdin()
+        .take(conf::MAX_STDIN as u64 + 1)
+        .read_to_end(&mut stdin)
+        .and_then(|n| {
+            if n > conf::MAX_STDIN {
+                Err(std::io::Error::other(format!(
+                    "the network config on stdin is larger than {} bytes; input begins: {}",
+                    conf::MAX_STDIN,
+                    conf::excerpt(&stdin)
+                )))
+            } else {
+                Ok(n)
+            }
+        });
     // A panic would print Rust's message instead of CNI JSON: turn it into a CNI error.
     std::panic::set_hook(Box::new(|_| {}));
     let outcome = match read {

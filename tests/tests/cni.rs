@@ -351,3 +351,67 @@ fn gc_keeps_valid_attachments_and_cleans_stale_ones() {
         "{list}"
     );
 }
+
+/// Hostile sizes: an annotation value that once overflowed HTTP/2's header limits when the
+/// agent echoed it whole (2,000 x `1-65535`, then one past the length bound) is code 7 naming
+/// the annotation, with a bounded message; stdin past 1 MiB is refused unread (code 6).
+#[test]
+fn oversized_input_is_a_bounded_error_naming_what_is_too_large() {
+    require_root();
+    let ns = Netns::new("sl-cni-huge");
+    let agent = Agent::start("huge");
+    for n in [2000, 3000] {
+        let value = vec!["1-65535"; n].join(",");
+        let stdin = conf(
+            "1.0.0",
+            &agent.socket_str(),
+            &[
+                ("linkerd.io/proxy-version", "stable-2.14.10"),
+                ("config.linkerd.io/skip-outbound-ports", &value),
+            ],
+            Some(&prev_result("1.0.0")),
+        );
+        let run = cni("ADD", "huge", &ns.path(), &stdin);
+        assert_eq!(
+            run.error_code(),
+            7,
+            "{n}: {}",
+            &run.stdout[..run.stdout.len().min(600)]
+        );
+        assert!(
+            run.stdout.len() < 1024,
+            "{n}: bounded: {}",
+            run.stdout.len()
+        );
+        assert!(
+            run.stdout.contains("config.linkerd.io/skip-outbound-ports"),
+            "{}",
+            run.stdout
+        );
+        assert!(ns.sluice_table().is_none());
+    }
+    let padding = "x".repeat(1024 * 1024);
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            ("example.com/pad", &padding),
+        ],
+        Some(&prev_result("1.0.0")),
+    );
+    let run = cni("ADD", "huge", &ns.path(), &stdin);
+    assert_eq!(
+        run.error_code(),
+        6,
+        "{}",
+        &run.stdout[..run.stdout.len().min(600)]
+    );
+    assert!(
+        run.stdout.contains("larger than 1048576 bytes"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.len() < 1024, "bounded: {}", run.stdout.len());
+    assert!(ns.sluice_table().is_none());
+}

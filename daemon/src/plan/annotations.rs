@@ -223,6 +223,10 @@ pub(super) fn invalid(annotation: &str, value: &str, reason: impl Into<String>) 
     }
 }
 
+/// Longest value of an annotation sluice reads. 1,024 ports or CIDRs fit several times over;
+/// anything longer is refused before it is parsed, so parsing work is bounded by it.
+pub const MAX_VALUE_LEN: usize = 16 * 1024;
+
 /// Parses one annotation if present, attaching the key and value to any error.
 pub(super) fn get<T>(
     ann: &BTreeMap<String, String>,
@@ -230,7 +234,19 @@ pub(super) fn get<T>(
     parse: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Option<T>, PlanError> {
     ann.get(key)
-        .map(|v| parse(v).map_err(|reason| invalid(key, v, reason)))
+        .map(|v| {
+            if v.len() > MAX_VALUE_LEN {
+                return Err(invalid(
+                    key,
+                    v,
+                    format!(
+                        "{} bytes, longer than the {MAX_VALUE_LEN} an annotation may be",
+                        v.len()
+                    ),
+                ));
+            }
+            parse(v).map_err(|reason| invalid(key, v, reason))
+        })
         .transpose()
 }
 
@@ -333,10 +349,10 @@ pub(super) fn port(s: &str) -> Result<u16, String> {
 /// Largest `a-b` port range expanded into single ports (Linkerd allows ranges).
 const MAX_RANGE: u16 = 256;
 
-/// A port or an inclusive range `a-b`, expanded.
-pub(super) fn ports_or_range(s: &str) -> Result<Vec<u16>, String> {
+/// A port or an inclusive range `a-b` (at most [`MAX_RANGE`] ports), as its bounds.
+pub(super) fn port_range(s: &str) -> Result<(u16, u16), String> {
     match s.trim().split_once('-') {
-        None => port(s).map(|p| vec![p]),
+        None => port(s).map(|p| (p, p)),
         Some((a, b)) => {
             let (a, b) = (port(a)?, port(b)?);
             if a > b || b - a >= MAX_RANGE {
@@ -345,9 +361,29 @@ pub(super) fn ports_or_range(s: &str) -> Result<Vec<u16>, String> {
                     s.trim()
                 ));
             }
-            Ok((a..=b).collect())
+            Ok((a, b))
         }
     }
+}
+
+/// A list of ports and ranges, expanded in order with repeats dropped. Expansion stops as soon
+/// as the list passes [`MAX_LIST_ITEMS`] ports, so memory stays bounded whatever the input.
+pub(super) fn port_ranges(s: &str) -> Result<Vec<u16>, String> {
+    let mut seen = vec![false; usize::from(u16::MAX) + 1];
+    let mut out = Vec::new();
+    for (a, b) in list(s, port_range)? {
+        for p in a..=b {
+            if !std::mem::replace(&mut seen[usize::from(p)], true) {
+                out.push(p);
+                if out.len() > MAX_LIST_ITEMS {
+                    return Err(format!(
+                        "more than the {MAX_LIST_ITEMS} ports a list may hold once ranges are expanded"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn id(s: &str) -> Result<u32, String> {
@@ -384,8 +420,17 @@ pub(super) fn interface(s: &str) -> Result<String, String> {
 /// rendered; [`super::MAX_RULES`] bounds the sum over all lists.
 pub const MAX_LIST_ITEMS: usize = 1024;
 
-/// Refuses a list longer than [`MAX_LIST_ITEMS`].
-pub(super) fn bounded<T>(items: Vec<T>) -> Result<Vec<T>, String> {
+/// Drops repeated items (keeping the first), then refuses a list longer than
+/// [`MAX_LIST_ITEMS`]: `80,80` is one rule, not two.
+pub(super) fn bounded<T: PartialEq>(mut items: Vec<T>) -> Result<Vec<T>, String> {
+    let mut seen = 0;
+    for i in 0..items.len() {
+        if !items[..seen].contains(&items[i]) {
+            items.swap(seen, i);
+            seen += 1;
+        }
+    }
+    items.truncate(seen);
     if items.len() > MAX_LIST_ITEMS {
         Err(format!(
             "{} items, more than the {MAX_LIST_ITEMS} a list may hold",
@@ -398,7 +443,10 @@ pub(super) fn bounded<T>(items: Vec<T>) -> Result<Vec<T>, String> {
 
 /// A comma-separated list. The empty string is the empty list; an empty item (`80,,90`,
 /// `80,`) is an error because it is almost always a templating mistake.
-pub(super) fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+pub(super) fn list<T: PartialEq>(
+    s: &str,
+    item: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
     if s.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -408,7 +456,8 @@ pub(super) fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Resu
             "{count} items, more than the {MAX_LIST_ITEMS} a list may hold"
         ));
     }
-    s.split(',')
+    let items = s
+        .split(',')
         .map(|part| {
             if part.trim().is_empty() {
                 Err("empty list item".to_owned())
@@ -416,11 +465,12 @@ pub(super) fn list<T>(s: &str, item: impl Fn(&str) -> Result<T, String>) -> Resu
                 item(part)
             }
         })
-        .collect()
+        .collect::<Result<Vec<T>, String>>()?;
+    bounded(items)
 }
 
 /// `*` (everything, `None`) or a list (`Some`, possibly empty: nothing).
-pub(super) fn star_or<T>(
+pub(super) fn star_or<T: PartialEq>(
     s: &str,
     item: impl Fn(&str) -> Result<T, String>,
 ) -> Result<Option<Vec<T>>, String> {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::annotations::{bounded, cidr, get, id, list, ports_or_range};
+use super::annotations::{cidr, get, id, list, port_ranges};
 use super::{Loopback, PlanError, RedirectPlan};
 
 /// Present on every pod the Linkerd injector has processed.
@@ -35,20 +35,16 @@ pub fn keys() -> &'static [&'static str] {
     ]
 }
 
-fn port_list(v: &str) -> Result<Vec<u16>, String> {
-    list(v, ports_or_range).and_then(|lists| bounded(lists.into_iter().flatten().collect()))
-}
-
 pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<RedirectPlan, PlanError> {
     let mut exclude_inbound_ports = IGNORED_INBOUND.to_vec();
     // skip-inbound-ports appends to the defaults; skip-outbound-ports and skip-subnets replace
     // (empty in CNI mode).
-    exclude_inbound_ports.extend(get(ann, SKIP_INBOUND_PORTS, port_list)?.unwrap_or_default());
+    exclude_inbound_ports.extend(get(ann, SKIP_INBOUND_PORTS, port_ranges)?.unwrap_or_default());
     Ok(RedirectPlan {
         proxy_gid: get(ann, PROXY_GID, id)?,
         exclude_inbound_ports,
         exclude_inbound_sources: get(ann, SKIP_SUBNETS, |v| list(v, cidr))?.unwrap_or_default(),
-        exclude_outbound_ports: get(ann, SKIP_OUTBOUND_PORTS, port_list)?.unwrap_or_default(),
+        exclude_outbound_ports: get(ann, SKIP_OUTBOUND_PORTS, port_ranges)?.unwrap_or_default(),
         ..RedirectPlan::capture_all(
             4140,
             4143,

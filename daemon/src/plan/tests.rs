@@ -488,7 +488,7 @@ fn a_list_longer_than_the_bound_is_refused_naming_its_annotation() {
         ("config.linkerd.io/skip-outbound-ports", &port_ranges(5)),
     ]);
     assert_eq!(e.annotation, "config.linkerd.io/skip-outbound-ports");
-    assert!(e.reason.contains("1280 items"), "{e}");
+    assert!(e.reason.contains("more than the 1024 ports"), "{e}");
     // A raw list that long is refused before its items are parsed; the error quotes a bounded
     // excerpt of the value, not all of it.
     let ports = (1..=2000)
@@ -522,4 +522,49 @@ fn too_many_rules_names_the_largest_list() {
     let e = too_many_rules(&a, 5000);
     assert_eq!(e.annotation, "config.linkerd.io/skip-inbound-ports");
     assert!(e.reason.contains("5000 rules"), "{e}");
+}
+
+#[test]
+fn repeated_items_are_dropped_and_overlapping_ranges_expand_once() {
+    let p = plan(&[("sluice.dev/exclude-outbound-ports", "80,8080,80, 80")]);
+    assert_eq!(p.exclude_outbound_ports, vec![80, 8080]);
+    // 1-256 four times over is 256 ports, within the bound.
+    let a = ann(&[
+        LINKERD,
+        (
+            "config.linkerd.io/skip-outbound-ports",
+            "1-256,1-256,200-256,1-256",
+        ),
+    ]);
+    match decide4(&a, &PlanDefaults::default()) {
+        Ok(Decision::Capture { plan, .. }) => {
+            assert_eq!(plan.exclude_outbound_ports, (1..=256).collect::<Vec<u16>>());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_over_long_value_is_refused_before_parsing_with_a_bounded_excerpt() {
+    // 2,000 x 1-65535 once overflowed HTTP/2's header limits when echoed whole; now it is
+    // refused for its item count, and 3,000 for its length, each with a bounded excerpt.
+    let e = error(&[
+        LINKERD,
+        (
+            "config.linkerd.io/skip-outbound-ports",
+            &vec!["1-65535"; 2000].join(","),
+        ),
+    ]);
+    assert!(e.reason.contains("2000 items"), "{e}");
+    assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+    let huge = vec!["1-65535"; 3000].join(",");
+    let e = error(&[LINKERD, ("config.linkerd.io/skip-outbound-ports", &huge)]);
+    assert_eq!(e.annotation, "config.linkerd.io/skip-outbound-ports");
+    assert!(e.reason.contains("longer than the 16384"), "{e}");
+    assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+    // Below the length bound the first bad item is named, still with a bounded excerpt.
+    let big = vec!["1-65535"; 1000].join(",");
+    let e = error(&[LINKERD, ("config.linkerd.io/skip-outbound-ports", &big)]);
+    assert!(e.reason.contains("not a range of at most 256"), "{e}");
+    assert!(e.to_string().len() < 400, "{}", e.to_string().len());
 }
