@@ -149,6 +149,79 @@ impl NetConf {
     }
 }
 
+/// Whether these pod annotations ask for sluice: `sluice.dev/redirect` with any value but
+/// `disabled` (a typo in the value is then rejected by the agent instead of silently leaving
+/// the pod uncaptured), or a mesh injector's annotation while not explicitly disabled.
+pub fn opted_in<'a>(get: impl Fn(&str) -> Option<&'a str>) -> bool {
+    use sluice_proto::annotations as keys;
+    match get(keys::REDIRECT) {
+        Some("disabled") => false,
+        Some(_) => true,
+        None => keys::PROFILE_TRIGGERS.iter().any(|k| get(k).is_some()),
+    }
+}
+
+/// The answer for a config the strict parse refused, when a lenient look shows the pod did not
+/// opt in: ADD hands `prevResult` on unchanged (or a bare result), DEL and CHECK succeed.
+/// `None` (keep the strict error) when stdin is not a JSON object, the verb is another, or the
+/// pod may have opted in (an annotation map sluice cannot read counts as opted in: refusing is
+/// then safer than starting the pod uncaptured).
+pub fn pass_through(command: &str, stdin: &[u8]) -> Option<Output> {
+    #[derive(Deserialize)]
+    struct Lenient<'a> {
+        #[serde(rename = "cniVersion", default)]
+        cni_version: Option<serde_json::Value>,
+        #[serde(rename = "prevResult", borrow, default)]
+        prev_result: Option<&'a RawValue>,
+        #[serde(rename = "runtimeConfig", default)]
+        runtime_config: Option<serde_json::Value>,
+    }
+    if !matches!(command, "ADD" | "DEL" | "CHECK") {
+        return None;
+    }
+    let conf: Lenient<'_> = serde_json::from_slice(stdin).ok()?;
+    let annotations = match conf
+        .runtime_config
+        .as_ref()
+        .and_then(|rc| rc.get("io.kubernetes.cri.pod-annotations"))
+    {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(m)) => m.clone(),
+        Some(_) => return None,
+    };
+    let unreadable = |k: &str| annotations.get(k).is_some_and(|v| !v.is_string());
+    let keys = sluice_proto::annotations::PROFILE_TRIGGERS
+        .iter()
+        .chain([&sluice_proto::annotations::REDIRECT]);
+    if keys.clone().any(|k| unreadable(k))
+        || opted_in(|k| annotations.get(k).and_then(|v| v.as_str()))
+    {
+        return None;
+    }
+    Some(match command {
+        "ADD" => Output::Text(match conf.prev_result {
+            Some(prev) if prev.get() != "null" => prev.get().to_owned(),
+            _ => {
+                let version = conf
+                    .cni_version
+                    .as_ref()
+                    .and_then(|v| v.as_str())
+                    .filter(|v| SUPPORTED_VERSIONS.contains(v))
+                    .unwrap_or(LATEST_VERSION);
+                format!(r#"{{"cniVersion":"{version}"}}"#)
+            }
+        }),
+        _ => Output::Nothing,
+    })
+}
+
+/// What to print on success.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    Nothing,
+    Text(String),
+}
+
 /// The CNI_* environment of one invocation.
 #[derive(Debug, Default)]
 pub struct Env {

@@ -9,12 +9,11 @@ mod error;
 
 use std::io::{Read, Write};
 
-use sluice_proto::annotations as keys;
 use sluice_proto::v1::{
     AttachRequest, CheckRequest, DetachRequest, ListRequest, PodRef, StatusRequest,
 };
 
-use crate::conf::{Env, LATEST_VERSION, NetConf, SUPPORTED_VERSIONS};
+use crate::conf::{Env, LATEST_VERSION, NetConf, Output, SUPPORTED_VERSIONS};
 use crate::error::*;
 
 /// Whether the agent must see this pod: `sluice.dev/redirect` with any value but `disabled`
@@ -23,11 +22,7 @@ use crate::error::*;
 /// passes through without a call.
 fn wants_capture(conf: &NetConf) -> bool {
     let ann = &conf.runtime_config.pod_annotations;
-    match ann.get(keys::REDIRECT).map(String::as_str) {
-        Some("disabled") => false,
-        Some(_) => true,
-        None => keys::PROFILE_TRIGGERS.iter().any(|k| ann.contains_key(*k)),
-    }
+    conf::opted_in(|k| ann.get(k).map(String::as_str))
 }
 
 fn pod(env: &Env) -> Option<PodRef> {
@@ -42,12 +37,6 @@ fn annotations(conf: &NetConf) -> std::collections::HashMap<String, String> {
     conf.runtime_config.pod_annotations.clone()
 }
 
-/// What to print on success.
-enum Output {
-    Nothing,
-    Text(String),
-}
-
 fn run(env: &Env, stdin: &[u8]) -> Result<Output, CniError> {
     if env.command == "VERSION" {
         return Ok(Output::Text(format!(
@@ -55,7 +44,13 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Output, CniError> {
             serde_json::to_string(SUPPORTED_VERSIONS).unwrap_or_default()
         )));
     }
-    let conf = NetConf::parse(stdin)?;
+    let conf = match NetConf::parse(stdin) {
+        Ok(conf) => conf,
+        // A pod that did not opt in is never failed by sluice, whatever the rest of its config
+        // looks like: if the strict parse fails, a lenient look decides whether sluice is
+        // asked at all, and if it is not, the config is passed on untouched.
+        Err(e) => return conf::pass_through(&env.command, stdin).ok_or(e),
+    };
     let version = conf.cni_version.clone();
     let result = match env.command.as_str() {
         "ADD" => add(env, &conf),
@@ -245,3 +240,6 @@ fn main() {
     let _ = out.flush();
     std::process::exit(code);
 }
+
+#[cfg(test)]
+mod proptests;

@@ -73,10 +73,25 @@ impl AgentService {
     }
 }
 
+/// Longest message a status carries: inputs are echoed only as bounded excerpts, so a hostile
+/// request can never grow a reply past HTTP/2's header limits (the message travels in a header).
+const MAX_STATUS_MESSAGE: usize = 1024;
+
+fn bounded(message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let mut cut = MAX_STATUS_MESSAGE - 3;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &message[..cut])
+}
+
 /// An `InvalidArgument` naming the field in the message and in `sluice-field` metadata.
 pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     with_field(
-        Status::invalid_argument(format!("{field}: {message}")),
+        Status::invalid_argument(bounded(format!("{field}: {message}"))),
         field,
     )
 }
@@ -90,14 +105,14 @@ fn with_field(mut status: Status, field: &str) -> Status {
 
 fn plan_status(e: PlanError) -> Status {
     let field = format!("annotation:{}", e.annotation);
-    with_field(Status::invalid_argument(e.to_string()), &field)
+    with_field(Status::invalid_argument(bounded(e.to_string())), &field)
 }
 
 fn netns_status(e: NetnsError) -> Status {
     match e {
-        NetnsError::Gone(_) => with_field(Status::not_found(e.to_string()), "netns"),
+        NetnsError::Gone(_) => with_field(Status::not_found(bounded(e.to_string())), "netns"),
         e if e.is_invalid_input() => invalid("netns", e),
-        e => Status::internal(e.to_string()),
+        e => Status::internal(bounded(e.to_string())),
     }
 }
 
@@ -105,9 +120,9 @@ fn netns_status(e: NetnsError) -> Status {
 /// other kernel failure is internal.
 fn program_status(e: &program::ProgramError, message: String) -> Status {
     if e.is_timeout() {
-        Status::deadline_exceeded(message)
+        Status::deadline_exceeded(bounded(message))
     } else {
-        Status::internal(message)
+        Status::internal(bounded(message))
     }
 }
 
@@ -126,7 +141,13 @@ fn pod_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
             s.parse::<IpNet>()
                 .map(|n| n.addr())
                 .or_else(|_| s.parse::<IpAddr>())
-                .map_err(|_| invalid("pod_ips", format!("{s:?} is not an IP address or CIDR")))
+                .map_err(|_| {
+                    let excerpt: String = s.chars().take(64).collect();
+                    invalid(
+                        "pod_ips",
+                        format!("{excerpt:?} is not an IP address or CIDR"),
+                    )
+                })
         })
         .collect()
 }
@@ -385,10 +406,10 @@ impl AgentService {
                 .map(|r| r.attachment.netns.clone())
                 .ok_or_else(|| {
                     with_field(
-                        Status::not_found(format!(
+                        Status::not_found(bounded(format!(
                             "container_id: no attachment recorded for {} and no netns given",
                             req.container_id
-                        )),
+                        ))),
                         "container_id",
                     )
                 })?
@@ -422,7 +443,7 @@ impl AgentService {
             .run(program::inspect)
             .await
             .map_err(netns_status)?
-            .map_err(|e| Status::internal(format!("reading table in {netns}: {e}")))?;
+            .map_err(|e| Status::internal(bounded(format!("reading table in {netns}: {e}"))))?;
         let live_fingerprint = live
             .as_ref()
             .and_then(|l| l.owner())
@@ -501,4 +522,146 @@ pub fn readiness() -> Result<(), String> {
         Some(Ok(features)) => features.required()?,
     }
     nft::probe().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use sluice_proto::v1::PodRef;
+
+    use super::*;
+
+    /// An agent whose only netns root does not exist: nothing an arbitrary request names can
+    /// be entered, so validation is all that runs.
+    fn service() -> AgentService {
+        AgentService::new(
+            AgentConfig::default(),
+            netns::Policy {
+                roots: vec![netns::Root::Dir("/nonexistent/sluice-proptest".into())],
+                host: netns::NsId { dev: 0, ino: 0 },
+            },
+            Arc::new(Metrics::new()),
+            Arc::new(std::sync::Mutex::new(Ok(()))),
+        )
+    }
+
+    /// Arbitrary Attach, Detach and Check requests: never a panic; every refusal is a status
+    /// with a bounded message, and an InvalidArgument names its field in `sluice-field`.
+    #[test]
+    fn arbitrary_requests_get_a_status_naming_the_field() {
+        let svc = service();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let text = prop_oneof![
+            prop::sample::select(vec![
+                "",
+                "/nonexistent/sluice-proptest/ns1",
+                "/var/run/netns/../x",
+                "relative",
+                "/proc/1/ns/net",
+                "10.99.0.2/24",
+                "fd00::2",
+                "sluice.dev/redirect",
+                "enabled",
+            ])
+            .prop_map(str::to_owned),
+            ".{0,24}",
+            "[0-9a-f:./]{0,1500}",
+        ];
+        let annotations = prop::collection::hash_map(
+            prop_oneof![
+                prop::sample::select(crate::plan::all_annotation_keys()).prop_map(str::to_owned),
+                ".{0,12}"
+            ],
+            text.clone(),
+            0..5,
+        );
+        let request = (
+            text.clone(),
+            text.clone(),
+            annotations,
+            prop::collection::vec(text.clone(), 0..3),
+            prop::option::of((text.clone(), text.clone(), text)),
+        );
+        let cases = std::cell::Cell::new(0usize);
+        let mut runner = TestRunner::new(Config {
+            cases: 600,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let check = |r: Result<(), Status>| -> Result<(), TestCaseError> {
+            if let Err(s) = r {
+                prop_assert!(
+                    s.message().len() <= MAX_STATUS_MESSAGE,
+                    "{}",
+                    s.message().len()
+                );
+                if s.code() == tonic::Code::InvalidArgument {
+                    let field = s.metadata().get(FIELD_METADATA_KEY);
+                    prop_assert!(field.is_some(), "no field named: {}", s.message());
+                }
+                prop_assert!(
+                    s.code() != tonic::Code::Internal && s.code() != tonic::Code::Unknown,
+                    "{:?}: {}",
+                    s.code(),
+                    s.message()
+                );
+            }
+            Ok(())
+        };
+        runner
+            .run(
+                &request,
+                |(id, ns, ann, ips, pod): (
+                    String,
+                    String,
+                    HashMap<String, String>,
+                    Vec<String>,
+                    _,
+                )| {
+                    cases.set(cases.get() + 1);
+                    let pod = pod.map(|(namespace, name, uid)| PodRef {
+                        namespace,
+                        name,
+                        uid,
+                    });
+                    let attach = rt.block_on(svc.attach(Request::new(AttachRequest {
+                        container_id: id.clone(),
+                        netns: ns.clone(),
+                        ifname: "eth0".into(),
+                        pod: pod.clone(),
+                        annotations: ann.clone(),
+                        pod_ips: ips.clone(),
+                    })));
+                    check(attach.map(drop))?;
+                    let detach = rt.block_on(svc.detach(Request::new(DetachRequest {
+                        container_id: id.clone(),
+                        netns: ns.clone(),
+                        ifname: "eth0".into(),
+                    })));
+                    check(detach.map(drop))?;
+                    let chk = rt.block_on(svc.check(Request::new(CheckRequest {
+                        container_id: id,
+                        netns: ns,
+                        annotations: ann,
+                        pod_ips: ips,
+                        pod,
+                    })));
+                    check(chk.map(drop))
+                },
+            )
+            .expect("property");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!(
+                "proptest: agent service, arbitrary Attach/Detach/Check: {} cases\n",
+                cases.get()
+            )
+            .as_bytes(),
+        );
+    }
 }

@@ -568,3 +568,126 @@ fn an_over_long_value_is_refused_before_parsing_with_a_bounded_excerpt() {
     assert!(e.reason.contains("not a range of at most 256"), "{e}");
     assert!(e.to_string().len() < 400, "{}", e.to_string().len());
 }
+
+/// Arbitrary annotation maps through the planner: never a panic; a capture plan always fits
+/// the rule bound, and an error always names an annotation the map holds, with a bounded
+/// message. Values mix valid tokens, near-misses and noise, so most maps reach deep parsing.
+#[test]
+fn arbitrary_annotation_maps_plan_or_name_the_bad_annotation() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use std::cell::Cell;
+    let keys: Vec<String> = all_annotation_keys()
+        .into_iter()
+        .map(str::to_owned)
+        .chain(["sluice.dev/unknown".to_owned(), "example.com/x".to_owned()])
+        .collect();
+    let token = prop_oneof![
+        prop::sample::select(vec![
+            "enabled",
+            "disabled",
+            "*",
+            "",
+            "80",
+            "15001",
+            "0",
+            "65536",
+            "1-256",
+            "9-1",
+            "1-65535",
+            "10.0.0.0/8",
+            "::/0",
+            "fd00::1",
+            "10.0.0.0/33",
+            "eth1",
+            "lo",
+            "tproxy",
+            "redirect",
+            "TPROXY",
+            "REDIRECT",
+            "NONE",
+            "ipv4",
+            "ipv6",
+            "dual",
+            "0x539",
+            "1337",
+            "net.ipv4.ip_unprivileged_port_start=0",
+            "kernel.panic=1",
+            "{}",
+            "stable-2.14",
+        ])
+        .prop_map(str::to_owned),
+        ".{0,8}",
+    ];
+    let value = prop::collection::vec(token, 0..6).prop_map(|t| t.join(","));
+    // Most maps carry an opt-in, so most cases reach the profile parsers.
+    let trigger = prop::option::weighted(
+        0.8,
+        prop::sample::select(vec![
+            ("sluice.dev/redirect", "enabled"),
+            ("sidecar.istio.io/status", "{}"),
+            ("linkerd.io/proxy-version", "stable-2.14.10"),
+        ]),
+    );
+    let map = (
+        prop::collection::btree_map(prop::sample::select(keys), value, 0..8),
+        trigger,
+    )
+        .prop_map(|(mut m, t)| {
+            if let Some((k, v)) = t {
+                m.entry(k.to_owned()).or_insert_with(|| v.to_owned());
+            }
+            m
+        });
+    let ips = prop::sample::subsequence(
+        vec![
+            IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2)),
+        ],
+        0..=2,
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 3000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let (planned, refused, skipped) = (Cell::new(0), Cell::new(0), Cell::new(0));
+    runner
+        .run(&(map, ips), |(ann, ips)| {
+            match decide(&ann, &ips, &PlanDefaults::default()) {
+                Ok(Decision::Capture { plan, .. }) => {
+                    planned.set(planned.get() + 1);
+                    let rules = crate::ruleset::Ruleset::from_plan(
+                        &plan,
+                        crate::ruleset::Owner::new("fp", "", ""),
+                    )
+                    .rule_count();
+                    // Lists within their bounds can still sum past MAX_RULES: the service
+                    // refuses those (too_many_rules), which must then name a present key.
+                    if rules > MAX_RULES {
+                        let e = too_many_rules(&ann, rules);
+                        prop_assert!(ann.contains_key(&e.annotation), "{e}");
+                    }
+                }
+                Ok(Decision::Skip { .. }) => skipped.set(skipped.get() + 1),
+                Err(e) => {
+                    refused.set(refused.get() + 1);
+                    prop_assert!(ann.contains_key(&e.annotation), "unknown key in {e}");
+                    prop_assert!(e.to_string().len() < 1024, "unbounded: {e}");
+                }
+            }
+            Ok(())
+        })
+        .expect("property");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!(
+            "proptest: planner, arbitrary annotation maps: {} cases ({} planned, {} skipped, {} refused)\n",
+            planned.get() + skipped.get() + refused.get(),
+            planned.get(),
+            skipped.get(),
+            refused.get()
+        )
+        .as_bytes(),
+    );
+}
