@@ -167,21 +167,16 @@ pub fn opted_in<'a>(get: impl Fn(&str) -> Option<&'a str>) -> bool {
 /// pod may have opted in (an annotation map sluice cannot read counts as opted in: refusing is
 /// then safer than starting the pod uncaptured).
 pub fn pass_through(command: &str, stdin: &[u8]) -> Option<Output> {
-    #[derive(Deserialize)]
-    struct Lenient<'a> {
-        #[serde(rename = "cniVersion", default)]
-        cni_version: Option<serde_json::Value>,
-        #[serde(rename = "prevResult", borrow, default)]
-        prev_result: Option<&'a RawValue>,
-        #[serde(rename = "runtimeConfig", default)]
-        runtime_config: Option<serde_json::Value>,
-    }
     if !matches!(command, "ADD" | "DEL" | "CHECK") {
         return None;
     }
-    let conf: Lenient<'_> = serde_json::from_slice(stdin).ok()?;
-    let annotations = match conf
-        .runtime_config
+    // Only a JSON object is a config (serde would read a struct from an array too).
+    let conf: HashMap<String, &RawValue> = serde_json::from_slice(stdin).ok()?;
+    let value = |key: &str| -> Option<serde_json::Value> {
+        conf.get(key)
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    };
+    let annotations = match value("runtimeConfig")
         .as_ref()
         .and_then(|rc| rc.get("io.kubernetes.cri.pod-annotations"))
     {
@@ -199,11 +194,11 @@ pub fn pass_through(command: &str, stdin: &[u8]) -> Option<Output> {
         return None;
     }
     Some(match command {
-        "ADD" => Output::Text(match conf.prev_result {
+        "ADD" => Output::Text(match conf.get("prevResult") {
             Some(prev) if prev.get() != "null" => prev.get().to_owned(),
             _ => {
-                let version = conf
-                    .cni_version
+                let version = value("cniVersion");
+                let version = version
                     .as_ref()
                     .and_then(|v| v.as_str())
                     .filter(|v| SUPPORTED_VERSIONS.contains(v))

@@ -165,28 +165,43 @@ fn exists_ok(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
     }
 }
 
-/// Applies the netlink steps (everything but sysctls). If a step fails, what was added is
-/// removed again before the error is returned. `fresh` is false on a re-ADD: rules and routes
-/// of an earlier plan are cleared first so a changed mark or table leaves nothing stale.
-pub fn setup(s: &DeviceSetup, fresh: bool) -> Result<(), DeviceError> {
+/// How [`setup`] treats device state already in the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// A fresh pod: add; on failure remove what was added.
+    Fresh,
+    /// Same plan as what is there (a repeated ADD): add what is missing, remove nothing, not
+    /// even on failure, so the capture already in place stays as it was.
+    Repair,
+    /// A different plan: clear sluice's rules, routes and addresses first, so a changed mark
+    /// or table leaves nothing stale; on failure remove what was added.
+    Replace,
+}
+
+/// Applies the netlink steps (everything but sysctls), as `mode` says.
+pub fn setup(s: &DeviceSetup, mode: Setup) -> Result<(), DeviceError> {
     with_handle(async |handle| {
-        if !fresh {
+        if mode == Setup::Replace {
             remove_ours(&handle).await?;
         }
-        step(
-            "setting lo up",
-            handle
-                .link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(LOOPBACK_INDEX)
-                        .up()
-                        .build(),
-                )
-                .execute(),
-        )
-        .await?;
-        let result = add_ours(&handle, s).await;
+        let result = async {
+            step(
+                "setting lo up",
+                handle
+                    .link()
+                    .set(
+                        rtnetlink::LinkUnspec::new_with_index(LOOPBACK_INDEX)
+                            .up()
+                            .build(),
+                    )
+                    .execute(),
+            )
+            .await?;
+            add_ours(&handle, s).await
+        }
+        .await;
         if result.is_err()
+            && mode != Setup::Repair
             && let Err(e) = remove_ours(&handle).await
         {
             tracing::error!(error = %e, "removing device setup after a failed step also failed");

@@ -22,3 +22,4 @@ pub mod registry;
 pub mod ruleset;
 pub mod server;
 pub mod service;
+pub mod work;

@@ -155,7 +155,7 @@ fn probe_here() -> KernelFeatures {
     match istio {
         Err(e) => f.redirect = Err(format!("the probe's plan: {e}")),
         Ok((plan, rs)) => {
-            f.redirect = program::attach(&rs, &plan)
+            f.redirect = program::attach(&rs, &plan, None)
                 .map(drop)
                 .map_err(|e| e.to_string());
             if f.redirect.is_ok() {
@@ -189,7 +189,7 @@ fn probe_here() -> KernelFeatures {
     }
     f.tproxy = plan_for(&[(plan::REDIRECT, "enabled"), ("sluice.dev/mode", "tproxy")]).and_then(
         |(plan, rs)| {
-            program::attach(&rs, &plan).map_err(|e| e.to_string())?;
+            program::attach(&rs, &plan, None).map_err(|e| e.to_string())?;
             program::detach().map_err(|e| e.to_string())?;
             // The policy routing must be gone too.
             match device::teardown() {

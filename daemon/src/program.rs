@@ -13,7 +13,7 @@ use crate::ruleset::Ruleset;
 pub enum ProgramError {
     #[error(transparent)]
     Nft(#[from] NftError),
-    #[error("{0} (the nftables table was rolled back)")]
+    #[error("{0} (rolled back)")]
     Device(#[source] DeviceError),
     #[error("removing device setup: {0}")]
     Teardown(#[source] DeviceError),
@@ -32,12 +32,22 @@ impl ProgramError {
 }
 
 /// Applies the ruleset (one atomic batch), then device setup (`lo` up, the IPv6 passthrough
-/// address, TPROXY policy routing, sysctls). If device setup fails, what it added is removed,
-/// sysctls already written are restored and the table is removed again, so the pod is left
-/// without capture and the ADD fails; the runtime then tears the sandbox down.
-pub fn attach(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
+/// address, TPROXY policy routing, sysctls). What a failure leaves depends on what was there:
+/// - a fresh pod: what device setup added is removed, sysctls already written are restored and
+///   the table is removed again, so the pod is left without capture and the ADD fails (the
+///   runtime then tears the sandbox down);
+/// - a repeated ADD of the same plan (the table's owner says so): nothing is removed, so the
+///   capture that was in place stays in place;
+/// - a different plan replacing an earlier one: `previous` (the earlier plan, when the agent
+///   knows it) is put back, table and device state; without it the pod is left uncaptured as
+///   for a fresh pod, and the ADD fails.
+pub fn attach(
+    rs: &Ruleset,
+    plan: &RedirectPlan,
+    previous: Option<&(Ruleset, RedirectPlan)>,
+) -> Result<Timings, ProgramError> {
     let start = Instant::now();
-    let replaced = nft::apply(rs).inspect_err(|e| {
+    let applied = nft::apply(rs).inspect_err(|e| {
         // No answer means the batch may or may not have been committed: remove the table so
         // the failed ADD leaves nothing behind (best effort, itself bounded in time).
         if matches!(e, NftError::Timeout { .. })
@@ -47,24 +57,53 @@ pub fn attach(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError
         }
     })?;
     let nft_done = Instant::now();
+    let mode = match &applied {
+        nft::Applied::Created => device::Setup::Fresh,
+        nft::Applied::Replaced { previous: Some(o) } if o.fingerprint == rs.owner.fingerprint => {
+            device::Setup::Repair
+        }
+        nft::Applied::Replaced { .. } => device::Setup::Replace,
+    };
     let setup = DeviceSetup::from_plan(plan);
-    let result = device::setup(&setup, !replaced).and_then(|()| {
+    let result = device::setup(&setup, mode).and_then(|()| {
         device::write_sysctls(&setup.sysctls)
             .map(drop)
             .inspect_err(|_| {
-                if let Err(e) = device::teardown() {
+                if mode != device::Setup::Repair
+                    && let Err(e) = device::teardown()
+                {
                     tracing::error!(error = %e, "removing device setup after a failed sysctl");
                 }
             })
     });
     if let Err(e) = result {
-        if let Err(rb) = nft::remove() {
-            tracing::error!(error = %rb, "rollback after failed device setup also failed");
+        match (mode, &applied, previous) {
+            (device::Setup::Repair, ..) => {}
+            (
+                device::Setup::Replace,
+                nft::Applied::Replaced { previous: Some(o) },
+                Some((prev_rs, prev_plan)),
+            ) if o.fingerprint == prev_rs.owner.fingerprint => {
+                let restored = nft::apply(prev_rs)
+                    .map_err(ProgramError::Nft)
+                    .and_then(|_| {
+                        device::setup(&DeviceSetup::from_plan(prev_plan), device::Setup::Replace)
+                            .map_err(ProgramError::Device)
+                    });
+                if let Err(rb) = restored {
+                    tracing::error!(error = %rb, "restoring the previous capture after a failed re-ADD failed");
+                }
+            }
+            _ => {
+                if let Err(rb) = nft::remove() {
+                    tracing::error!(error = %rb, "rollback after failed device setup also failed");
+                }
+            }
         }
         return Err(ProgramError::Device(e));
     }
     Ok(Timings {
-        replaced,
+        replaced: applied != nft::Applied::Created,
         nft_us: (nft_done - start).as_micros() as u64,
         device_us: nft_done.elapsed().as_micros() as u64,
     })

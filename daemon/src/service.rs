@@ -32,6 +32,8 @@ pub struct AgentService {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     install: InstallState,
+    /// Admission and per-container ordering of kernel work.
+    work: crate::work::Work,
 }
 
 /// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
@@ -51,6 +53,7 @@ impl AgentService {
             registry: Arc::default(),
             metrics,
             install,
+            work: crate::work::Work::default(),
         }
     }
 
@@ -113,6 +116,29 @@ fn netns_status(e: NetnsError) -> Status {
         NetnsError::Gone(_) => with_field(Status::not_found(bounded(e.to_string())), "netns"),
         e if e.is_invalid_input() => invalid("netns", e),
         e => Status::internal(bounded(e.to_string())),
+    }
+}
+
+/// The plan an earlier ADD of this container recorded, rebuilt, to restore if a re-ADD fails.
+fn replan(record: &Record, defaults: &plan::PlanDefaults) -> Option<(Ruleset, plan::RedirectPlan)> {
+    let ips: Vec<IpAddr> = pod_ips(&record.pod_ips).ok()?;
+    match plan::decide(&record.annotations, &ips, defaults).ok()? {
+        Decision::Capture { plan, .. } => {
+            let a = &record.attachment;
+            let uid = a.pod.as_ref().map(|p| p.uid.as_str()).unwrap_or_default();
+            let rs =
+                Ruleset::from_plan(&plan, Owner::new(&plan.fingerprint(), uid, &a.container_id));
+            Some((rs, plan))
+        }
+        Decision::Skip { .. } => None,
+    }
+}
+
+/// Saturation and queue waits are transient (CNI code 11 at the plugin).
+fn work_status(e: crate::work::WorkError) -> Status {
+    match e {
+        crate::work::WorkError::Saturated { .. } => Status::resource_exhausted(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
     }
 }
 
@@ -298,53 +324,67 @@ impl AgentService {
             )));
         }
         let ns = self.open(&req.netns)?;
-        let timings = ns
-            .run(move || program::attach(&ruleset, &plan))
-            .await
-            .map_err(netns_status)?
-            .map_err(|e| {
-                let pod = format!("{}/{}", pod.namespace, pod.name);
-                tracing::warn!(container = %req.container_id, %pod, netns = %req.netns, error = %e, "attach failed");
-                program_status(
-                    &e,
-                    format!(
-                        "programming pod {pod} (container {}) in netns {}: {e}",
-                        req.container_id, req.netns
-                    ),
-                )
-            })?;
-        let duration_us = start.elapsed().as_micros() as u64;
-        if timings.replaced {
-            self.metrics.drift_repaired.inc();
-        }
-        tracing::info!(
-            container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name),
-            netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us,
-            nft_us = timings.nft_us, device_us = timings.device_us, "attached"
+        let (registry, metrics, defaults) = (
+            self.registry.clone(),
+            self.metrics.clone(),
+            self.config.plan.clone(),
         );
-        self.registry.insert(Record {
-            attachment: Attachment {
-                container_id: req.container_id,
-                netns: req.netns,
-                pod: Some(pod),
-                fingerprint: fingerprint.clone(),
+        let key = req.container_id.clone();
+        // Under the container's lock: read what an earlier ADD recorded (to restore it if this
+        // one fails), program, and record, as one unit that a departing caller cannot cut.
+        let work = async move {
+            let previous = registry
+                .get(&req.container_id)
+                .and_then(|r| replan(&r, &defaults));
+            let timings = ns
+                .run(move || program::attach(&ruleset, &plan, previous.as_ref()))
+                .await
+                .map_err(netns_status)?
+                .map_err(|e| {
+                    let pod = format!("{}/{}", pod.namespace, pod.name);
+                    tracing::warn!(container = %req.container_id, %pod, netns = %req.netns, error = %e, "attach failed");
+                    program_status(
+                        &e,
+                        format!(
+                            "programming pod {pod} (container {}) in netns {}: {e}",
+                            req.container_id, req.netns
+                        ),
+                    )
+                })?;
+            let duration_us = start.elapsed().as_micros() as u64;
+            if timings.replaced {
+                metrics.drift_repaired.inc();
+            }
+            tracing::info!(
+                container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name),
+                netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us,
+                nft_us = timings.nft_us, device_us = timings.device_us, "attached"
+            );
+            registry.insert(Record {
+                attachment: Attachment {
+                    container_id: req.container_id,
+                    netns: req.netns,
+                    pod: Some(pod),
+                    fingerprint: fingerprint.clone(),
+                    profile: profile.to_string(),
+                    rule_count,
+                    attached_at_unix: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                },
+                annotations,
+                pod_ips: req.pod_ips,
+            });
+            Ok(Response::new(AttachResponse {
+                outcome: Outcome::Programmed.into(),
+                reason: String::new(),
+                fingerprint,
                 profile: profile.to_string(),
                 rule_count,
-                attached_at_unix: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64),
-            },
-            annotations,
-            pod_ips: req.pod_ips,
-        });
-        Ok(Response::new(AttachResponse {
-            outcome: Outcome::Programmed.into(),
-            reason: String::new(),
-            fingerprint,
-            profile: profile.to_string(),
-            rule_count,
-            duration_us,
-        }))
+                duration_us,
+            }))
+        };
+        self.work.run(&key, work).await.map_err(work_status)?
     }
 
     async fn detach_inner(
@@ -353,44 +393,56 @@ impl AgentService {
     ) -> Result<Response<DetachResponse>, Status> {
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
-        let forgotten = self.registry.remove(&req.container_id).is_some();
-        let reply = |removed: bool, reason: &str| {
+        let ns = if req.netns.is_empty() {
+            None
+        } else {
+            match self.policy.open(&req.netns) {
+                Ok(ns) => Some(ns),
+                Err(NetnsError::Gone(_)) => None,
+                Err(e) => return Err(netns_status(e)),
+            }
+        };
+        let registry = self.registry.clone();
+        let key = req.container_id.clone();
+        // Under the container's lock, so a racing Attach runs wholly before or after: the
+        // kernel and the record end as the last verb left them. The record is forgotten only
+        // once the kernel side is gone.
+        let work = async move {
+            let (removed, reason) =
+                match ns {
+                    None if req.netns.is_empty() => {
+                        (false, "no netns given; rules go away with the namespace")
+                    }
+                    None => (false, "netns is gone"),
+                    Some(ns) => {
+                        let (id, netns) = (req.container_id.clone(), req.netns.clone());
+                        let removed = ns.run(program::detach).await.map_err(netns_status)?.map_err(
+                        |e| {
+                            tracing::warn!(container = %id, %netns, error = %e, "detach failed");
+                            program_status(
+                                &e,
+                                format!(
+                                    "removing sluice from container {id} in netns {netns}: {e}"
+                                ),
+                            )
+                        },
+                    )?;
+                        let reason = if removed {
+                            ""
+                        } else {
+                            "no sluice table in the netns"
+                        };
+                        (removed, reason)
+                    }
+                };
+            let forgotten = registry.remove(&req.container_id).is_some();
             tracing::info!(container = %req.container_id, netns = %req.netns, removed, forgotten, reason, "detached");
             Ok(Response::new(DetachResponse {
                 removed,
                 reason: reason.to_owned(),
             }))
         };
-        if req.netns.is_empty() {
-            return reply(false, "no netns given; rules go away with the namespace");
-        }
-        let ns = match self.policy.open(&req.netns) {
-            Ok(ns) => ns,
-            Err(NetnsError::Gone(_)) => return reply(false, "netns is gone"),
-            Err(e) => return Err(netns_status(e)),
-        };
-        let removed = ns
-            .run(program::detach)
-            .await
-            .map_err(netns_status)?
-            .map_err(|e| {
-                tracing::warn!(container = %req.container_id, netns = %req.netns, error = %e, "detach failed");
-                program_status(
-                    &e,
-                    format!(
-                        "removing sluice from container {} in netns {}: {e}",
-                        req.container_id, req.netns
-                    ),
-                )
-            })?;
-        reply(
-            removed,
-            if removed {
-                ""
-            } else {
-                "no sluice table in the netns"
-            },
-        )
+        self.work.run(&key, work).await.map_err(work_status)?
     }
 
     async fn check_inner(
@@ -438,11 +490,14 @@ impl AgentService {
         };
         let ips = pod_ips(&ips)?;
         let decision = plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)?;
+        let ns = self.open(&netns)?;
         let live = self
-            .open(&netns)?
-            .run(program::inspect)
+            .work
+            .run(&req.container_id, async move {
+                ns.run(program::inspect).await.map_err(netns_status)
+            })
             .await
-            .map_err(netns_status)?
+            .map_err(work_status)??
             .map_err(|e| Status::internal(bounded(format!("reading table in {netns}: {e}"))))?;
         let live_fingerprint = live
             .as_ref()

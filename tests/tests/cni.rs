@@ -257,13 +257,23 @@ fn garbage_on_stdin_is_a_decode_failure() {
         let run = cni("ADD", "garbage", "/var/run/netns/none", input);
         assert_eq!(run.error_code(), 6, "{input:?}: {run:?}");
     }
+    // An unsupported version fails a pod that asked for sluice (code 1); a pod that did not
+    // ask passes through, whatever the rest of its config looks like.
     let run = cni(
         "ADD",
         "old",
         "/var/run/netns/none",
-        r#"{"cniVersion":"0.2.0","name":"n","type":"sluice-cni"}"#,
+        r#"{"cniVersion":"0.2.0","name":"n","type":"sluice-cni","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"sluice.dev/redirect":"enabled"}}}"#,
     );
     assert_eq!(run.error_code(), 1, "{run:?}");
+    let run = cni(
+        "ADD",
+        "old",
+        "/var/run/netns/none",
+        r#"{"cniVersion":"0.2.0","name":"n","type":"sluice-cni","prevResult":{"ips":[]}}"#,
+    );
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert_eq!(run.stdout, r#"{"ips":[]}"#);
     let run = cni(
         "BOGUS",
         "x",

@@ -85,15 +85,26 @@ impl LiveTable {
     }
 }
 
+/// What [`apply`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// There was no table; ours was created.
+    Created,
+    /// A table was there and was atomically replaced; its owner as it was (`None` when its
+    /// comment was not ours).
+    Replaced { previous: Option<Owner> },
+}
+
 /// Installs `rs` as `inet sluice` in the current netns, atomically. A fresh pod takes one
-/// create-only batch; if the table already exists (re-ADD) that batch is refused whole and an
-/// atomic replace follows, so re-apply stays idempotent. `Ok(true)` when a table was replaced.
-pub fn apply(rs: &Ruleset) -> Result<bool, NftError> {
+/// create-only batch; if the table already exists (re-ADD) that batch is refused whole, the
+/// table's owner is read, and an atomic replace follows, so re-apply stays idempotent.
+pub fn apply(rs: &Ruleset) -> Result<Applied, NftError> {
     match send(&batch::install(rs, batch::Mode::Create)) {
         Err(e) if e.rejected_with() == Some(libc::EEXIST) => {
-            send(&batch::install(rs, batch::Mode::Replace)).map(|()| true)
+            let previous = read()?.and_then(|t| t.owner());
+            send(&batch::install(rs, batch::Mode::Replace)).map(|()| Applied::Replaced { previous })
         }
-        other => other.map(|()| false),
+        other => other.map(|()| Applied::Created),
     }
 }
 
@@ -165,10 +176,15 @@ pub fn expected(rs: &Ruleset) -> LiveTable {
                     crate::ruleset::Hook::Prerouting => libc::NF_INET_PRE_ROUTING,
                     crate::ruleset::Hook::Output => libc::NF_INET_LOCAL_OUT,
                 };
+                let kind = match b.kind {
+                    crate::ruleset::Kind::Nat => "nat",
+                    crate::ruleset::Kind::Filter => "filter",
+                    crate::ruleset::Kind::Route => "route",
+                };
                 (
                     hook as u32,
                     b.priority,
-                    "nat".to_owned(),
+                    kind.to_owned(),
                     libc::NF_ACCEPT as u32,
                 )
             }),
