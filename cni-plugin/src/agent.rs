@@ -71,7 +71,12 @@ fn from_status(socket: &str, s: &Status) -> CniError {
         .get(FIELD_METADATA_KEY)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    // A status the agent sent never carries a source error; one made on this side from a
+    // broken connection (the agent died or restarted mid-call: "transport error") does. The
+    // call may or may not have been applied, and a retry is the answer either way.
+    let transport = std::error::Error::source(s).is_some();
     let code = match s.code() {
+        Code::Unknown | Code::Cancelled | Code::Internal if transport => TRY_AGAIN_LATER,
         Code::InvalidArgument if matches!(field, "netns" | "container_id") => INVALID_ENV,
         Code::InvalidArgument => INVALID_CONFIG,
         Code::NotFound if field == "netns" => UNKNOWN_CONTAINER,
@@ -80,6 +85,10 @@ fn from_status(socket: &str, s: &Status) -> CniError {
         _ => AGENT_FAILED,
     };
     let msg = match code {
+        TRY_AGAIN_LATER if transport => format!(
+            "sluice agent at {socket} went away during the call: {}",
+            source_chain(s)
+        ),
         TRY_AGAIN_LATER => format!("sluice agent at {socket} is unavailable: {}", s.message()),
         _ => format!("sluice: {}", s.message()),
     };

@@ -134,3 +134,253 @@ fn a_failed_re_add_keeps_the_capture_in_place() {
     check(&agent, "readd").expect("the first ADD's table is still in place");
     assert!(has_policy_rule(&topo.pod), "its policy routing too");
 }
+
+/// What the agent process holds now: (RSS KiB, open fds, threads), from /proc.
+fn usage(pid: u32) -> (u64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    (field("VmRSS:"), fds, field("Threads:") as usize)
+}
+
+/// Reported past the harness's output capture, so `make test` shows the figures.
+fn report(line: String) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+}
+
+/// The pod's table with its owner comment (which names the container) left out, for
+/// comparing pods that share a plan.
+fn table_body(ns: &Netns) -> Option<String> {
+    ns.sluice_table().map(|t| {
+        t.lines()
+            .filter(|l| !l.contains("comment"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// The agent is SIGKILLed while 200 ADDs are in flight through the real plugin. Every ADD
+/// either succeeded, and its pod then holds the full table and `lo` up, or failed with code 11;
+/// after a restart every failed one succeeds when retried.
+#[test]
+fn sigkill_with_200_adds_in_flight_never_reports_a_partial_success() {
+    require_root();
+    let mut agent = Agent::start("kill");
+    let reference = Netns::new("sl-kill-ref");
+    let ann = [("sluice.dev/redirect", "enabled")];
+    assert_eq!(add(&agent, "kill-ref", &reference, &ann).exit, 0);
+    let want = table_body(&reference).expect("reference table");
+    let pods: Vec<Netns> = (0..200)
+        .map(|i| Netns::new(&format!("sl-kill-{i}")))
+        .collect();
+    let pid = agent.pid();
+    let runs: Vec<CniRun> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let agent = &agent;
+                s.spawn(move || add(agent, &format!("kill-{i}"), ns, &ann))
+            })
+            .collect();
+        // Kill once some have gone through, so the kill lands mid-storm.
+        wait_for(
+            "the first attaches",
+            std::time::Duration::from_secs(20),
+            || {
+                std::fs::read_to_string(&agent.log)
+                    .unwrap_or_default()
+                    .matches(" attached ")
+                    .count()
+                    >= 10
+            },
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("ADD"))
+            .collect()
+    });
+    let (mut ok, mut retry) = (0, Vec::new());
+    for (i, run) in runs.iter().enumerate() {
+        if run.exit == 0 {
+            ok += 1;
+            assert_eq!(
+                table_body(&pods[i]).as_deref(),
+                Some(want.as_str()),
+                "pod {i} reported success: it must hold the full table"
+            );
+            assert!(
+                pods[i].ip(&["link", "show", "lo"]).contains("UP"),
+                "pod {i}: lo up"
+            );
+        } else {
+            assert_eq!(run.error_code(), 11, "pod {i}: {run:?}");
+            retry.push(i);
+        }
+    }
+    agent.restart();
+    for &i in &retry {
+        let run = add(&agent, &format!("kill-{i}"), &pods[i], &ann);
+        assert_eq!(run.exit, 0, "retry of pod {i}: {run:?}");
+        assert_eq!(
+            table_body(&pods[i]).as_deref(),
+            Some(want.as_str()),
+            "pod {i}"
+        );
+    }
+    report(format!(
+        "sigkill with 200 ADDs in flight: {ok} succeeded (full state checked), {} failed with code 11, all of those succeeded on retry",
+        retry.len()
+    ));
+}
+
+/// 1,000 ADDs through the real plugin, 64 at a time: nothing fails but with code 11, which
+/// succeeds on retry; the agent's threads stay bounded. Prints its peak RSS, fds and threads.
+#[test]
+fn a_thousand_adds_64_at_a_time() {
+    require_root();
+    let agent = Agent::start("storm");
+    let pid = agent.pid();
+    let ann = [("sluice.dev/redirect", "enabled")];
+    let pods: Vec<Netns> = (0..1000)
+        .map(|i| Netns::new(&format!("sl-storm-{i}")))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let peak = std::sync::Mutex::new((0u64, 0usize, 0usize));
+    let failures: Vec<(usize, CniRun)> = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let (rss, fds, threads) = usage(pid);
+                let mut p = peak.lock().expect("peak");
+                *p = (p.0.max(rss), p.1.max(fds), p.2.max(threads));
+                drop(p);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        let workers: Vec<_> = (0..64)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut failed = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= pods.len() {
+                            return failed;
+                        }
+                        let run = add(&agent, &format!("storm-{i}"), &pods[i], &ann);
+                        if run.exit != 0 {
+                            failed.push((i, run));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let failed = workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        failed
+    });
+    for (i, run) in &failures {
+        assert_eq!(run.error_code(), 11, "pod {i}: {run:?}");
+        let again = add(&agent, &format!("storm-{i}"), &pods[*i], &ann);
+        assert_eq!(again.exit, 0, "retry of pod {i}: {again:?}");
+    }
+    let (rss, fds, threads) = *peak.lock().expect("peak");
+    report(format!(
+        "1000 ADDs, 64 in parallel: {} answered code 11 and succeeded on retry; agent peak RSS {} KiB, fds {fds}, threads {threads}",
+        failures.len(),
+        rss
+    ));
+    // 8 netns workers + the runtime's threads: bounded whatever the load.
+    assert!(threads <= 32, "threads must stay bounded: {threads}");
+}
+
+/// 10,000 attach/detach cycles (over the agent's API, 8 pods at a time): the agent ends with
+/// the fds, threads and memory it had after warming up, within a small margin.
+#[test]
+fn ten_thousand_attach_detach_cycles_leak_nothing() {
+    use sluice_proto::v1::agent_client::AgentClient;
+    use sluice_proto::v1::{AttachRequest, DetachRequest};
+    require_root();
+    let agent = Agent::start("cycles");
+    let pid = agent.pid();
+    let pods: Vec<Netns> = (0..8).map(|i| Netns::new(&format!("sl-cyc-{i}"))).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let socket = agent.socket_str();
+    let cycles = |per_pod: usize| {
+        rt.block_on(async {
+            let channel = tonic::transport::Endpoint::try_from(format!("unix://{socket}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            let tasks: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| {
+                    let mut client = AgentClient::new(channel.clone());
+                    let netns = ns.path();
+                    tokio::spawn(async move {
+                        for _ in 0..per_pod {
+                            let id = format!("cyc-{i}");
+                            client
+                                .attach(AttachRequest {
+                                    container_id: id.clone(),
+                                    netns: netns.clone(),
+                                    ifname: "eth0".into(),
+                                    annotations: [("sluice.dev/redirect".into(), "enabled".into())]
+                                        .into(),
+                                    ..Default::default()
+                                })
+                                .await
+                                .expect("attach");
+                            client
+                                .detach(DetachRequest {
+                                    container_id: id,
+                                    netns: netns.clone(),
+                                    ifname: "eth0".into(),
+                                })
+                                .await
+                                .expect("detach");
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("cycle task");
+            }
+        });
+    };
+    cycles(25); // warm up: 200 cycles
+    let before = usage(pid);
+    cycles(1225); // 9,800 more: 10,000 in all
+    let after = usage(pid);
+    report(format!(
+        "10000 attach/detach cycles: agent (RSS KiB, fds, threads) after warm-up {before:?}, at the end {after:?}"
+    ));
+    assert!(after.1 <= before.1 + 2, "fds: {before:?} -> {after:?}");
+    assert!(after.2 <= before.2 + 2, "threads: {before:?} -> {after:?}");
+    assert!(
+        after.0 <= before.0 + 16 * 1024,
+        "RSS: {before:?} -> {after:?}"
+    );
+    for ns in &pods {
+        assert!(ns.sluice_table().is_none());
+    }
+}
