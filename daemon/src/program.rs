@@ -126,6 +126,30 @@ pub fn detach() -> Result<bool, ProgramError> {
     Ok(table || device)
 }
 
+/// What [`detach_for`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detached {
+    /// Our table and device state were removed (`false`: there were none).
+    Removed(bool),
+    /// The capture belongs to the attachment on this other interface, and was kept.
+    Kept(String),
+}
+
+/// Detach for the attachment on interface `ifname`: the capture is removed only by a DEL of
+/// the interface whose ADD installed it (the table's owner says which), so a secondary
+/// network's DEL (Multus) leaves the pod captured. An empty `ifname`, or a table that does not
+/// say, removes as before.
+pub fn detach_for(ifname: &str) -> Result<Detached, ProgramError> {
+    if !ifname.is_empty()
+        && let Some(owner) = nft::read()?.and_then(|t| t.owner())
+        && !owner.ifname.is_empty()
+        && owner.ifname != ifname
+    {
+        return Ok(Detached::Kept(owner.ifname));
+    }
+    detach().map(Detached::Removed)
+}
+
 /// Reads our table back.
 pub fn inspect() -> Result<Option<LiveTable>, NftError> {
     nft::read()

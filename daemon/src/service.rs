@@ -314,8 +314,10 @@ impl AgentService {
             };
         let pod = pod_or_default(req.pod);
         let fingerprint = plan.fingerprint();
-        let ruleset =
-            Ruleset::from_plan(&plan, Owner::new(&fingerprint, &pod.uid, &req.container_id));
+        let ruleset = Ruleset::from_plan(
+            &plan,
+            Owner::new(&fingerprint, &pod.uid, &req.container_id).on(&req.ifname),
+        );
         let rule_count = ruleset.rule_count() as u32;
         if ruleset.rule_count() > plan::MAX_RULES {
             return Err(plan_status(plan::too_many_rules(
@@ -408,16 +410,19 @@ impl AgentService {
         // kernel and the record end as the last verb left them. The record is forgotten only
         // once the kernel side is gone.
         let work = async move {
-            let (removed, reason) =
-                match ns {
-                    None if req.netns.is_empty() => {
-                        (false, "no netns given; rules go away with the namespace")
-                    }
-                    None => (false, "netns is gone"),
-                    Some(ns) => {
-                        let (id, netns) = (req.container_id.clone(), req.netns.clone());
-                        let removed = ns.run(program::detach).await.map_err(netns_status)?.map_err(
-                        |e| {
+            let (removed, reason) = match ns {
+                None if req.netns.is_empty() => {
+                    (false, "no netns given; rules go away with the namespace")
+                }
+                None => (false, "netns is gone"),
+                Some(ns) => {
+                    let (id, netns) = (req.container_id.clone(), req.netns.clone());
+                    let ifname = req.ifname.clone();
+                    let done = ns
+                        .run(move || program::detach_for(&ifname))
+                        .await
+                        .map_err(netns_status)?
+                        .map_err(|e| {
                             tracing::warn!(container = %id, %netns, error = %e, "detach failed");
                             program_status(
                                 &e,
@@ -425,16 +430,24 @@ impl AgentService {
                                     "removing sluice from container {id} in netns {netns}: {e}"
                                 ),
                             )
-                        },
-                    )?;
-                        let reason = if removed {
-                            ""
-                        } else {
-                            "no sluice table in the netns"
-                        };
-                        (removed, reason)
+                        })?;
+                    match done {
+                        program::Detached::Removed(true) => (true, ""),
+                        program::Detached::Removed(false) => {
+                            (false, "no sluice table in the netns")
+                        }
+                        program::Detached::Kept(owner) => {
+                            tracing::info!(container = %req.container_id, ifname = %req.ifname, %owner, "detach of a secondary interface: capture kept");
+                            return Ok(Response::new(DetachResponse {
+                                removed: false,
+                                reason: format!(
+                                    "the capture belongs to the attachment on {owner}; kept"
+                                ),
+                            }));
+                        }
                     }
-                };
+                }
+            };
             let forgotten = registry.remove(&req.container_id).is_some();
             tracing::info!(container = %req.container_id, netns = %req.netns, removed, forgotten, reason, "detached");
             Ok(Response::new(DetachResponse {
@@ -514,7 +527,13 @@ impl AgentService {
             ),
             Decision::Capture { plan, .. } => {
                 let fp = plan.fingerprint();
-                let rs = Ruleset::from_plan(&plan, Owner::new(&fp, &pod.uid, &req.container_id));
+                let live_ifname = live
+                    .as_ref()
+                    .and_then(|l| l.owner())
+                    .map(|o| o.ifname)
+                    .unwrap_or_default();
+                let owner = Owner::new(&fp, &pod.uid, &req.container_id).on(&live_ifname);
+                let rs = Ruleset::from_plan(&plan, owner);
                 (fp, nft::diff(&nft::expected(&rs), live.as_ref()))
             }
         };

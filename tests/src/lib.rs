@@ -704,12 +704,17 @@ impl CniRun {
 
 /// Runs the real `sluice-cni` like a runtime does.
 pub fn cni(command: &str, container_id: &str, netns: &str, stdin: &str) -> CniRun {
+    cni_on("eth0", command, container_id, netns, stdin)
+}
+
+/// [`cni`] for the attachment on interface `ifname` (a secondary network's is e.g. `net1`).
+pub fn cni_on(ifname: &str, command: &str, container_id: &str, netns: &str, stdin: &str) -> CniRun {
     let mut child = Command::new(bin("sluice-cni"))
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", ifname)
         .env("CNI_PATH", "/usr/lib/cni")
         .env(
             "CNI_ARGS",

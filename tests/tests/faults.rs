@@ -384,3 +384,43 @@ fn ten_thousand_attach_detach_cycles_leak_nothing() {
         assert!(ns.sluice_table().is_none());
     }
 }
+
+/// Multus: a secondary network (interface `net1`) chained with sluice attaches and detaches
+/// the same pod. The capture belongs to the primary interface's attachment: the secondary DEL
+/// leaves it in place, the primary DEL removes it.
+#[test]
+fn a_secondary_networks_del_leaves_the_capture_in_place() {
+    require_root();
+    let agent = Agent::start("multus");
+    let ns = Netns::new("sl-fault-multus");
+    let ann = annotations();
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &ann,
+        Some(&prev_result("1.0.0")),
+    );
+    assert_eq!(cni_on("eth0", "ADD", "multus", &ns.path(), &stdin).exit, 0);
+    let second = cni_on("net1", "ADD", "multus", &ns.path(), &stdin);
+    assert_eq!(second.exit, 0, "{second:?}");
+    assert!(
+        ns.sluice_table().is_some_and(|t| t.contains("if=eth0")),
+        "the primary attachment keeps ownership"
+    );
+    let del_stdin = conf("1.0.0", &agent.socket_str(), &ann, None);
+    assert_eq!(
+        cni_on("net1", "DEL", "multus", &ns.path(), &del_stdin).exit,
+        0
+    );
+    check(&agent, "multus").expect("still captured after the secondary DEL");
+    assert!(has_policy_rule(&ns));
+    assert_eq!(
+        cni_on("eth0", "DEL", "multus", &ns.path(), &del_stdin).exit,
+        0
+    );
+    assert!(
+        ns.sluice_table().is_none(),
+        "the primary DEL removes the capture"
+    );
+    assert!(!has_policy_rule(&ns));
+}

@@ -128,8 +128,9 @@ fn render(ips: &[&str], extra: &[(&'static str, &'static str)]) -> String {
     else {
         panic!("golden cases all capture");
     };
-    // The owner matches what `cni()` sends for container "golden" (K8S_POD_UID=uid-golden).
-    let owner = Owner::new(&plan.fingerprint(), &format!("uid-{CONTAINER}"), CONTAINER);
+    // The owner matches what `cni()` sends for container "golden" (K8S_POD_UID=uid-golden,
+    // CNI_IFNAME=eth0).
+    let owner = Owner::new(&plan.fingerprint(), &format!("uid-{CONTAINER}"), CONTAINER).on("eth0");
     Ruleset::from_plan(&plan, owner).to_nft_script()
 }
 

@@ -102,7 +102,16 @@ pub fn apply(rs: &Ruleset) -> Result<Applied, NftError> {
     match send(&batch::install(rs, batch::Mode::Create)) {
         Err(e) if e.rejected_with() == Some(libc::EEXIST) => {
             let previous = read()?.and_then(|t| t.owner());
-            send(&batch::install(rs, batch::Mode::Replace)).map(|()| Applied::Replaced { previous })
+            // The table stays owned by the interface whose ADD created it (a second network's
+            // ADD of the same pod must not make the first network's DEL a no-op).
+            let mut rs = rs.clone();
+            if let Some(p) = &previous
+                && !p.ifname.is_empty()
+            {
+                rs.owner.ifname = p.ifname.clone();
+            }
+            send(&batch::install(&rs, batch::Mode::Replace))
+                .map(|()| Applied::Replaced { previous })
         }
         other => other.map(|()| Applied::Created),
     }

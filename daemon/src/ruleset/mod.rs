@@ -25,25 +25,52 @@ pub struct Owner {
     pub pod_uid: String,
     /// Container (sandbox) id, shortened to 12 characters like `docker ps` shows.
     pub container: String,
+    /// The interface (CNI_IFNAME) whose ADD installed the table: only a DEL of that interface
+    /// removes it, so a secondary network's DEL (Multus) leaves the pod's capture alone. Empty
+    /// when unknown (tables written before this field existed).
+    pub ifname: String,
 }
 
 const OWNER_TAG: &str = "sluice/v1";
 
 impl Owner {
     pub fn new(fingerprint: &str, pod_uid: &str, container_id: &str) -> Self {
+        // The runtime's values are input: keep the comment parseable (no spaces or `=`) and
+        // bounded (a Kubernetes UID is 36 characters).
+        let clean = |s: &str, max: usize| -> String {
+            s.chars()
+                .filter(|c| !c.is_whitespace() && *c != '=' && *c != '"')
+                .take(max)
+                .collect()
+        };
         Self {
             fingerprint: fingerprint.to_owned(),
-            pod_uid: pod_uid.to_owned(),
-            container: container_id.chars().take(12).collect(),
+            pod_uid: clean(pod_uid, 36),
+            container: clean(container_id, 12),
+            ifname: String::new(),
         }
+    }
+
+    /// The same owner, for the attachment on interface `ifname`.
+    pub fn on(mut self, ifname: &str) -> Self {
+        // Interface names are at most 15 bytes and have no spaces; anything else is not
+        // recorded (the comment must stay parseable and within nft's 128 bytes).
+        if ifname.len() < 16 && !ifname.contains(char::is_whitespace) && !ifname.contains('=') {
+            self.ifname = ifname.to_owned();
+        }
+        self
     }
 
     /// The comment text: fits nft's 128-byte comment limit.
     pub fn to_comment(&self) -> String {
-        format!(
+        let mut comment = format!(
             "{OWNER_TAG} fp={} pod={} cid={}",
             self.fingerprint, self.pod_uid, self.container
-        )
+        );
+        if !self.ifname.is_empty() {
+            comment += &format!(" if={}", self.ifname);
+        }
+        comment
     }
 
     /// Parses a comment written by [`Owner::to_comment`]; `None` for anything else.
@@ -59,6 +86,7 @@ impl Owner {
                 "fp" => owner.fingerprint = v.to_owned(),
                 "pod" => owner.pod_uid = v.to_owned(),
                 "cid" => owner.container = v.to_owned(),
+                "if" => owner.ifname = v.to_owned(),
                 _ => {}
             }
         }
