@@ -152,6 +152,15 @@ mod tests {
 
     use super::*;
 
+    /// Polls `cond` (every millisecond, for at most 10 s).
+    async fn until(cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "condition never held");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_container_runs_one_verb_at_a_time_and_others_run_beside_it() {
         let work = Arc::new(Work::new(4, 32, Duration::from_secs(5)));
@@ -183,18 +192,16 @@ mod tests {
         let work = Arc::new(Work::new(1, 1, Duration::from_secs(5)));
         let (release, hold) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        for i in 0..2 {
-            let (work, mut hold) = (work.clone(), hold.clone());
+        // One at a time, so the first is running before the second queues: (1, 0) then (1, 1).
+        for (i, want) in [(0, (1, 0)), (1, (1, 1))] {
+            let (w, mut hold) = (work.clone(), hold.clone());
             tasks.push(tokio::spawn(async move {
-                work.run(&format!("pod-{i}"), async move {
+                w.run(&format!("pod-{i}"), async move {
                     let _ = hold.wait_for(|v| *v).await;
                 })
                 .await
             }));
-        }
-        // One runs, one waits: the queue is full.
-        while work.load() != (1, 1) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            until(|| work.load() == want).await;
         }
         let started = std::time::Instant::now();
         let third = work.run("pod-2", async {}).await;
@@ -230,9 +237,7 @@ mod tests {
                 .await
             })
         };
-        while work.load().0 != 1 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until(|| work.load().0 == 1).await;
         let ran = Arc::new(AtomicBool::new(false));
         let caller = {
             let (work, ran) = (work.clone(), ran.clone());
@@ -241,17 +246,13 @@ mod tests {
                     .await
             })
         };
-        while work.load().1 != 1 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until(|| work.load().1 == 1).await;
         caller.abort();
         let _ = caller.await;
         let _ = release.send(true);
         assert_eq!(blocker.await.expect("blocker"), Ok(()));
         // Let the abandoned task get its turn and decide.
-        while work.load() != (0, 0) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until(|| work.load() == (0, 0)).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!ran.load(Ordering::SeqCst), "abandoned work never starts");
     }
