@@ -81,7 +81,8 @@ pub struct RuntimeConfig {
 pub struct ValidAttachment {
     #[serde(rename = "containerID")]
     pub container_id: String,
-    // `ifname` is there too; unused until the agent keys attachments by interface.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ifname: String,
 }
 
 /// The most stdin the plugin reads. Kubernetes caps a pod's annotations at 256 KiB in all,

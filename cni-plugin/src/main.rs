@@ -152,29 +152,36 @@ fn status(conf: &NetConf) -> Result<Output, CniError> {
     }
 }
 
-/// GC: forget attachments the runtime no longer knows (their netns are gone or going). An
-/// attachment whose container the runtime lists as valid is never touched (the agent does not
-/// record interface names yet, so any valid (container, ifname) keeps the container's
-/// capture). One failed cleanup does not stop the others; all failures are reported.
+/// GC (CNI 1.1): detach every attachment the agent knows whose (container, interface) is not
+/// among the runtime's valid attachments (their netns are gone or going). A valid attachment
+/// is never touched, and a stale interface of a pod that is still attached on another keeps
+/// the pod's capture (the agent removes it only with the last attachment). One failed cleanup
+/// does not stop the others; all failures are reported.
 fn gc(conf: &NetConf) -> Result<Output, CniError> {
-    let valid: std::collections::HashSet<&str> = conf
+    let valid: std::collections::HashSet<(&str, &str)> = conf
         .valid_attachments()
-        .map(|a| a.container_id.as_str())
+        .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
+    // An attachment recorded without an interface name (an older agent) is valid if its
+    // container is valid on any interface.
+    let valid_ids: std::collections::HashSet<&str> = valid.iter().map(|(id, _)| *id).collect();
+    let is_valid = |a: &sluice_proto::v1::Attachment| {
+        if a.ifname.is_empty() {
+            valid_ids.contains(a.container_id.as_str())
+        } else {
+            valid.contains(&(a.container_id.as_str(), a.ifname.as_str()))
+        }
+    };
     let list = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
         c.list(ListRequest {}).await
     })?;
     let mut failures = Vec::new();
-    for stale in list
-        .attachments
-        .into_iter()
-        .filter(|a| !valid.contains(a.container_id.as_str()))
-    {
-        let id = stale.container_id.clone();
+    for stale in list.attachments.into_iter().filter(|a| !is_valid(a)) {
+        let id = format!("{}/{}", stale.container_id, stale.ifname);
         let request = DetachRequest {
             container_id: stale.container_id,
             netns: stale.netns,
-            ifname: String::new(),
+            ifname: stale.ifname,
         };
         if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
             c.detach(request).await

@@ -131,23 +131,60 @@ pub fn detach() -> Result<bool, ProgramError> {
 pub enum Detached {
     /// Our table and device state were removed (`false`: there were none).
     Removed(bool),
-    /// The capture belongs to the attachment on this other interface, and was kept.
-    Kept(String),
+    /// Other interfaces of the pod are still attached (listed), so the capture was kept.
+    /// `recounted`: the table's owner no longer lists the detached interface.
+    Kept {
+        attached: Vec<String>,
+        recounted: bool,
+    },
 }
 
-/// Detach for the attachment on interface `ifname`: the capture is removed only by a DEL of
-/// the interface whose ADD installed it (the table's owner says which), so a secondary
-/// network's DEL (Multus) leaves the pod captured. An empty `ifname`, or a table that does not
-/// say, removes as before.
-pub fn detach_for(ifname: &str) -> Result<Detached, ProgramError> {
-    if !ifname.is_empty()
-        && let Some(owner) = nft::read()?.and_then(|t| t.owner())
-        && !owner.ifname.is_empty()
-        && owner.ifname != ifname
-    {
-        return Ok(Detached::Kept(owner.ifname));
+/// Detach for the attachment on interface `ifname`. The table's owner lists the interfaces
+/// attached with the capture; the capture (table and device state) is removed only when
+/// `ifname` is the last of them, so a secondary network's DEL (Multus) leaves the pod
+/// captured, whatever the order of the DELs. An interface that is not listed (never counted)
+/// changes nothing while others are. An empty `ifname`, or a table that lists none, removes.
+///
+/// To stop counting `ifname` while others remain, the table is rewritten with a new owner in
+/// one atomic replace, which needs the rules: `current` is the ruleset of the plan the agent
+/// recorded for the pod. When it is absent or its fingerprint is not the live one, the table is
+/// left as it is (the capture stays until the namespace goes) rather than rewritten with rules
+/// that might differ from what is live.
+pub fn detach_for(ifname: &str, current: Option<&Ruleset>) -> Result<Detached, ProgramError> {
+    let owner = if ifname.is_empty() {
+        None
+    } else {
+        nft::read()?.and_then(|t| t.owner())
+    };
+    let Some(owner) = owner.filter(|o| !o.ifnames.is_empty()) else {
+        return detach().map(Detached::Removed);
+    };
+    let attached: Vec<String> = owner
+        .ifnames
+        .iter()
+        .filter(|i| *i != ifname)
+        .cloned()
+        .collect();
+    if attached.is_empty() {
+        return detach().map(Detached::Removed);
     }
-    detach().map(Detached::Removed)
+    let counted = attached.len() < owner.ifnames.len();
+    let recounted = match current {
+        Some(rs) if counted && rs.owner.fingerprint == owner.fingerprint => {
+            let mut rs = rs.clone();
+            rs.owner = crate::ruleset::Owner {
+                ifnames: attached.clone(),
+                ..owner
+            };
+            nft::replace(&rs)?;
+            true
+        }
+        _ => false,
+    };
+    Ok(Detached::Kept {
+        attached,
+        recounted,
+    })
 }
 
 /// Reads our table back.

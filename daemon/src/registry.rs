@@ -1,6 +1,9 @@
-//! The attachments this agent has made, keyed by container id. In memory: the kernel is the
-//! source of truth for what is programmed (Check reads it back); this map is what `List` shows
-//! and what `Check <container-id>` resolves a namespace from.
+//! The attachments this agent has made, keyed by (container id, interface): a pod attached
+//! on several networks (Multus chaining sluice into more than one) has one record per
+//! interface. In memory: the kernel is the source of truth for what is programmed (Check reads
+//! it back, and the table's owner lists the interfaces counted against the capture); this map
+//! is what `List` shows, what `Check <container-id>` resolves a namespace from, and where a
+//! Detach finds the plan to rewrite the table's owner with.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -15,35 +18,53 @@ pub struct Record {
     pub pod_ips: Vec<String>,
 }
 
+type Key = (String, String);
+
 #[derive(Debug, Default)]
 pub struct Registry {
-    records: Mutex<BTreeMap<String, Record>>,
+    records: Mutex<BTreeMap<Key, Record>>,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Record>> {
         // A panic while holding the lock cannot leave a map half-updated (single insert/remove),
         // so a poisoned lock is still consistent.
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records (or replaces) the attachment of `record`'s (container, interface).
     pub fn insert(&self, record: Record) {
-        let id = record.attachment.container_id.clone();
-        self.lock().insert(id, record);
+        let key = (
+            record.attachment.container_id.clone(),
+            record.attachment.ifname.clone(),
+        );
+        self.lock().insert(key, record);
     }
 
-    pub fn remove(&self, container_id: &str) -> Option<Record> {
-        self.lock().remove(container_id)
+    /// Forgets the attachment on `ifname` of a container; every attachment of the container
+    /// when `ifname` is empty. Returns how many were forgotten.
+    pub fn remove(&self, container_id: &str, ifname: &str) -> usize {
+        let mut records = self.lock();
+        let before = records.len();
+        records.retain(|(id, i), _| id != container_id || !(ifname.is_empty() || i == ifname));
+        before - records.len()
     }
 
+    /// Any attachment of the container (they share the pod's annotations and netns), the
+    /// first by interface name.
     pub fn get(&self, container_id: &str) -> Option<Record> {
-        self.lock().get(container_id).cloned()
+        self.lock()
+            .range((container_id.to_owned(), String::new())..)
+            .next()
+            .filter(|((id, _), _)| id == container_id)
+            .map(|(_, r)| r.clone())
     }
 
     pub fn list(&self) -> Vec<Attachment> {
         self.lock().values().map(|r| r.attachment.clone()).collect()
     }
 
+    /// Attachments recorded, one per (container, interface).
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -51,9 +72,56 @@ impl Registry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Pods (containers) with at least one attachment.
+    pub fn pods(&self) -> usize {
+        let records = self.lock();
+        let mut ids: Vec<&str> = records.keys().map(|(id, _)| id.as_str()).collect();
+        ids.dedup();
+        ids.len()
+    }
 }
 
 /// Builds the proto pod reference, tolerating an absent one.
 pub fn pod_or_default(pod: Option<PodRef>) -> PodRef {
     pod.unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, ifname: &str) -> Record {
+        Record {
+            attachment: Attachment {
+                container_id: id.into(),
+                ifname: ifname.into(),
+                ..Default::default()
+            },
+            annotations: BTreeMap::new(),
+            pod_ips: vec![],
+        }
+    }
+
+    #[test]
+    fn attachments_are_keyed_by_container_and_interface() {
+        let r = Registry::default();
+        r.insert(record("a", "eth0"));
+        r.insert(record("a", "net1"));
+        r.insert(record("ab", "eth0"));
+        r.insert(record("a", "eth0"));
+        assert_eq!((r.len(), r.pods()), (3, 2));
+        assert_eq!(r.get("a").unwrap().attachment.ifname, "eth0");
+        assert!(r.get("").is_none() && r.get("b").is_none());
+        assert_eq!(r.remove("a", "eth0"), 1);
+        assert_eq!(r.get("a").unwrap().attachment.ifname, "net1");
+        assert_eq!(r.remove("a", "eth9"), 0);
+        r.insert(record("a", "eth0"));
+        assert_eq!(
+            r.remove("a", ""),
+            2,
+            "an empty ifname forgets the container"
+        );
+        assert_eq!((r.len(), r.pods()), (1, 1));
+    }
 }

@@ -224,7 +224,7 @@ impl Agent for AgentService {
             }
             Err(s) => m.attach("error", error_reason(s)),
         }
-        m.attached_pods.set(self.registry.len() as i64);
+        m.attached_pods.set(self.registry.pods() as i64);
         result
     }
 
@@ -238,7 +238,7 @@ impl Agent for AgentService {
             Ok(_) => "absent",
             Err(_) => "error",
         });
-        self.metrics.attached_pods.set(self.registry.len() as i64);
+        self.metrics.attached_pods.set(self.registry.pods() as i64);
         result
     }
 
@@ -365,6 +365,7 @@ impl AgentService {
             registry.insert(Record {
                 attachment: Attachment {
                     container_id: req.container_id,
+                    ifname: req.ifname,
                     netns: req.netns,
                     pod: Some(pod),
                     fingerprint: fingerprint.clone(),
@@ -405,21 +406,29 @@ impl AgentService {
             }
         };
         let registry = self.registry.clone();
+        let defaults = self.config.plan.clone();
         let key = req.container_id.clone();
         // Under the container's lock, so a racing Attach runs wholly before or after: the
-        // kernel and the record end as the last verb left them. The record is forgotten only
-        // once the kernel side is gone.
+        // kernel and the record end as the last verb left them. A record is forgotten only
+        // once the kernel side is gone or no longer counts it.
         let work = async move {
-            let (removed, reason) = match ns {
-                None if req.netns.is_empty() => {
-                    (false, "no netns given; rules go away with the namespace")
-                }
-                None => (false, "netns is gone"),
+            let (id, ifname) = (req.container_id.clone(), req.ifname.clone());
+            let (removed, reason, forget_all) = match ns {
+                None if req.netns.is_empty() => (
+                    false,
+                    "no netns given; rules go away with the namespace".to_owned(),
+                    false,
+                ),
+                None => (false, "netns is gone".to_owned(), true),
                 Some(ns) => {
-                    let (id, netns) = (req.container_id.clone(), req.netns.clone());
-                    let ifname = req.ifname.clone();
+                    let netns = req.netns.clone();
+                    let current = registry
+                        .get(&id)
+                        .and_then(|r| replan(&r, &defaults))
+                        .map(|(rs, _)| rs);
+                    let if_ = ifname.clone();
                     let done = ns
-                        .run(move || program::detach_for(&ifname))
+                        .run(move || program::detach_for(&if_, current.as_ref()))
                         .await
                         .map_err(netns_status)?
                         .map_err(|e| {
@@ -432,28 +441,31 @@ impl AgentService {
                             )
                         })?;
                     match done {
-                        program::Detached::Removed(true) => (true, ""),
+                        program::Detached::Removed(true) => (true, String::new(), true),
                         program::Detached::Removed(false) => {
-                            (false, "no sluice table in the netns")
+                            (false, "no sluice table in the netns".to_owned(), true)
                         }
-                        program::Detached::Kept(owner) => {
-                            tracing::info!(container = %req.container_id, ifname = %req.ifname, %owner, "detach of a secondary interface: capture kept");
-                            return Ok(Response::new(DetachResponse {
-                                removed: false,
-                                reason: format!(
-                                    "the capture belongs to the attachment on {owner}; kept"
+                        program::Detached::Kept {
+                            attached,
+                            recounted,
+                        } => {
+                            tracing::info!(container = %id, %ifname, ?attached, recounted, "detach of one of several interfaces: capture kept");
+                            (
+                                false,
+                                format!(
+                                    "the capture is kept for the pod's other attachments ({})",
+                                    attached.join(", ")
                                 ),
-                            }));
+                                false,
+                            )
                         }
                     }
                 }
             };
-            let forgotten = registry.remove(&req.container_id).is_some();
-            tracing::info!(container = %req.container_id, netns = %req.netns, removed, forgotten, reason, "detached");
-            Ok(Response::new(DetachResponse {
-                removed,
-                reason: reason.to_owned(),
-            }))
+            // Once the capture is gone, no attachment of the pod has one.
+            let forgotten = registry.remove(&id, if forget_all { "" } else { &ifname });
+            tracing::info!(container = %id, %ifname, netns = %req.netns, removed, forgotten, %reason, "detached");
+            Ok(Response::new(DetachResponse { removed, reason }))
         };
         self.work.run(&key, work).await.map_err(work_status)?
     }
@@ -527,12 +539,13 @@ impl AgentService {
             ),
             Decision::Capture { plan, .. } => {
                 let fp = plan.fingerprint();
-                let live_ifname = live
+                // The interfaces attached are the kernel's record, not part of the plan.
+                let mut owner = Owner::new(&fp, &pod.uid, &req.container_id);
+                owner.ifnames = live
                     .as_ref()
                     .and_then(|l| l.owner())
-                    .map(|o| o.ifname)
+                    .map(|o| o.ifnames)
                     .unwrap_or_default();
-                let owner = Owner::new(&fp, &pod.uid, &req.container_id).on(&live_ifname);
                 let rs = Ruleset::from_plan(&plan, owner);
                 (fp, nft::diff(&nft::expected(&rs), live.as_ref()))
             }

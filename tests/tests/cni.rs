@@ -326,38 +326,49 @@ fn a_pod_without_annotations_in_every_null_shape_passes_through_without_the_agen
 }
 
 /// GC as libcni sends it (CNI 1.1): `cni.dev/valid-attachments` at the top level of the
-/// plugin's config. A valid attachment stays captured; a stale one is cleaned.
+/// plugin's config, matched on (containerID, ifname). A valid attachment stays captured; a
+/// stale one is cleaned, also when its container is valid on another interface (then the pod
+/// keeps its capture for the valid one) or another container's attachment has its interface.
 #[test]
 fn gc_keeps_valid_attachments_and_cleans_stale_ones() {
     require_root();
     let agent = Agent::start("gc");
     let (live, stale) = (Netns::new("sl-gc-live"), Netns::new("sl-gc-stale"));
-    for (id, ns) in [("gc-live", &live), ("gc-stale", &stale)] {
-        let stdin = conf(
-            "1.1.0",
-            &agent.socket_str(),
-            &redirect(),
-            Some(&prev_result("1.1.0")),
-        );
-        assert_eq!(cni("ADD", id, &ns.path(), &stdin).exit, 0);
+    let stdin = conf(
+        "1.1.0",
+        &agent.socket_str(),
+        &redirect(),
+        Some(&prev_result("1.1.0")),
+    );
+    for (id, ifname, ns) in [
+        ("gc-live", "eth0", &live),
+        ("gc-live", "net1", &live),
+        ("gc-stale", "eth0", &stale),
+    ] {
+        assert_eq!(cni_on(ifname, "ADD", id, &ns.path(), &stdin).exit, 0);
     }
     let stdin = format!(
-        r#"{{"cniVersion":"1.1.0","name":"example-net","type":"sluice-cni","agentSocket":"{}","cni.dev/valid-attachments":[{{"containerID":"gc-live","ifname":"eth0"}}]}}"#,
+        r#"{{"cniVersion":"1.1.0","name":"example-net","type":"sluice-cni","agentSocket":"{}","cni.dev/valid-attachments":[{{"containerID":"gc-live","ifname":"eth0"}},{{"containerID":"gc-stale","ifname":"net1"}}]}}"#,
         agent.socket_str()
     );
     let run = cni("GC", "", "", &stdin);
     assert_eq!(run.exit, 0, "{run:?}");
+    let table = live
+        .sluice_table()
+        .expect("a valid attachment is never touched");
     assert!(
-        live.sluice_table().is_some(),
-        "a valid attachment is never touched"
+        table.contains(" if=eth0\""),
+        "only eth0 still counted: {table}"
     );
     assert!(
         stale.sluice_table().is_none(),
         "a stale attachment is cleaned"
     );
     let list = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{list}");
     assert!(
-        list.contains("gc-live") && !list.contains("gc-stale"),
+        rows[0].starts_with("gc-live") && rows[0].contains(" eth0 "),
         "{list}"
     );
 }

@@ -386,13 +386,13 @@ fn ten_thousand_attach_detach_cycles_leak_nothing() {
 }
 
 /// Multus: a secondary network (interface `net1`) chained with sluice attaches and detaches
-/// the same pod. The capture belongs to the primary interface's attachment: the secondary DEL
-/// leaves it in place, the primary DEL removes it.
+/// the same pod. Both interfaces are counted in the table's owner; the capture goes away only
+/// with the last attachment, whichever order the DELs come in, and `List` shows one attachment
+/// per interface.
 #[test]
-fn a_secondary_networks_del_leaves_the_capture_in_place() {
+fn a_pods_capture_goes_away_only_with_its_last_attachment() {
     require_root();
     let agent = Agent::start("multus");
-    let ns = Netns::new("sl-fault-multus");
     let ann = annotations();
     let stdin = conf(
         "1.0.0",
@@ -400,27 +400,41 @@ fn a_secondary_networks_del_leaves_the_capture_in_place() {
         &ann,
         Some(&prev_result("1.0.0")),
     );
-    assert_eq!(cni_on("eth0", "ADD", "multus", &ns.path(), &stdin).exit, 0);
-    let second = cni_on("net1", "ADD", "multus", &ns.path(), &stdin);
-    assert_eq!(second.exit, 0, "{second:?}");
-    assert!(
-        ns.sluice_table().is_some_and(|t| t.contains("if=eth0")),
-        "the primary attachment keeps ownership"
-    );
     let del_stdin = conf("1.0.0", &agent.socket_str(), &ann, None);
-    assert_eq!(
-        cni_on("net1", "DEL", "multus", &ns.path(), &del_stdin).exit,
-        0
-    );
-    check(&agent, "multus").expect("still captured after the secondary DEL");
-    assert!(has_policy_rule(&ns));
-    assert_eq!(
-        cni_on("eth0", "DEL", "multus", &ns.path(), &del_stdin).exit,
-        0
-    );
-    assert!(
-        ns.sluice_table().is_none(),
-        "the primary DEL removes the capture"
-    );
-    assert!(!has_policy_rule(&ns));
+    for (id, order) in [
+        ("multus-a", ["net1", "eth0"]),
+        ("multus-b", ["eth0", "net1"]),
+    ] {
+        let ns = Netns::new(&format!("sl-fault-{id}"));
+        assert_eq!(cni_on("eth0", "ADD", id, &ns.path(), &stdin).exit, 0);
+        let second = cni_on("net1", "ADD", id, &ns.path(), &stdin);
+        assert_eq!(second.exit, 0, "{second:?}");
+        let table = ns.sluice_table().expect("captured");
+        assert!(table.contains(" if=eth0,net1\""), "both counted: {table}");
+        let list = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
+        let rows = list.lines().filter(|l| l.starts_with(id)).count();
+        assert_eq!(rows, 2, "one attachment per interface:\n{list}");
+        check(&agent, id).expect("captured with both attached");
+
+        let first = cni_on(order[0], "DEL", id, &ns.path(), &del_stdin);
+        assert_eq!(first.exit, 0, "{first:?}");
+        check(&agent, id)
+            .unwrap_or_else(|e| panic!("{id}: still captured after the DEL of {}: {e}", order[0]));
+        assert!(has_policy_rule(&ns), "{id}: device state kept");
+        let table = ns.sluice_table().expect("captured");
+        assert!(
+            table.contains(&format!(" if={}\"", order[1])),
+            "{id}: only {} counted now: {table}",
+            order[1]
+        );
+        let last = cni_on(order[1], "DEL", id, &ns.path(), &del_stdin);
+        assert_eq!(last.exit, 0, "{last:?}");
+        assert!(
+            ns.sluice_table().is_none(),
+            "{id}: the last attachment's DEL removes the capture"
+        );
+        assert!(!has_policy_rule(&ns), "{id}: and the device state");
+        let list = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
+        assert!(!list.contains(id), "{list}");
+    }
 }

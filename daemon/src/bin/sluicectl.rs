@@ -99,14 +99,15 @@ fn main() -> anyhow::Result<()> {
             Command::List => {
                 let list = agent.list(ListRequest {}).await?.into_inner();
                 println!(
-                    "{:<14} {:<30} {:<18} {:<8} {:>5}  NETNS",
-                    "CONTAINER", "POD", "FINGERPRINT", "PROFILE", "RULES"
+                    "{:<14} {:<16} {:<30} {:<18} {:<8} {:>5}  NETNS",
+                    "CONTAINER", "IFNAME", "POD", "FINGERPRINT", "PROFILE", "RULES"
                 );
                 for a in list.attachments {
                     let pod = a.pod.unwrap_or_default();
                     println!(
-                        "{:<14} {:<30} {:<18} {:<8} {:>5}  {}",
+                        "{:<14} {:<16} {:<30} {:<18} {:<8} {:>5}  {}",
                         a.container_id.chars().take(12).collect::<String>(),
+                        a.ifname,
                         format!("{}/{}", pod.namespace, pod.name),
                         a.fingerprint,
                         a.profile,

@@ -102,19 +102,30 @@ pub fn apply(rs: &Ruleset) -> Result<Applied, NftError> {
     match send(&batch::install(rs, batch::Mode::Create)) {
         Err(e) if e.rejected_with() == Some(libc::EEXIST) => {
             let previous = read()?.and_then(|t| t.owner());
-            // The table stays owned by the interface whose ADD created it (a second network's
-            // ADD of the same pod must not make the first network's DEL a no-op).
+            // The interfaces already attached stay counted: a second network's ADD of the same
+            // pod adds its interface to the table's owner, and the capture stays until the
+            // DEL of the last of them.
             let mut rs = rs.clone();
             if let Some(p) = &previous
-                && !p.ifname.is_empty()
+                && !p.ifnames.is_empty()
             {
-                rs.owner.ifname = p.ifname.clone();
+                let mine = std::mem::replace(&mut rs.owner.ifnames, p.ifnames.clone());
+                for ifname in &mine {
+                    if !rs.owner.attach(ifname) {
+                        tracing::warn!(%ifname, attached = ?rs.owner.ifnames, "no room to count this interface in the table's owner; its DEL will leave the capture to the others");
+                    }
+                }
             }
-            send(&batch::install(&rs, batch::Mode::Replace))
-                .map(|()| Applied::Replaced { previous })
+            replace(&rs).map(|()| Applied::Replaced { previous })
         }
         other => other.map(|()| Applied::Created),
     }
+}
+
+/// Atomically replaces the existing `inet sluice` with `rs` (no create-first attempt and no
+/// owner merging: the caller says exactly what the table becomes).
+pub fn replace(rs: &Ruleset) -> Result<(), NftError> {
+    send(&batch::install(rs, batch::Mode::Replace))
 }
 
 /// Deletes `inet sluice` from the current netns. `Ok(false)` when there was none.

@@ -25,13 +25,18 @@ pub struct Owner {
     pub pod_uid: String,
     /// Container (sandbox) id, shortened to 12 characters like `docker ps` shows.
     pub container: String,
-    /// The interface (CNI_IFNAME) whose ADD installed the table: only a DEL of that interface
-    /// removes it, so a secondary network's DEL (Multus) leaves the pod's capture alone. Empty
-    /// when unknown (tables written before this field existed).
-    pub ifname: String,
+    /// The interfaces (CNI_IFNAME) attached with this capture, in the order their ADDs came: a
+    /// pod on several networks (Multus chaining sluice into more than one) keeps its capture
+    /// until the DEL of the last of them. Empty when unknown (tables written before this field
+    /// existed): any DEL removes such a table.
+    pub ifnames: Vec<String>,
 }
 
 const OWNER_TAG: &str = "sluice/v1";
+
+/// Longest comment written: `nft` refuses longer comments in its input, and a table whose
+/// `nft list ruleset` output cannot be loaded back would surprise an operator.
+pub const MAX_COMMENT: usize = 128;
 
 impl Owner {
     pub fn new(fingerprint: &str, pod_uid: &str, container_id: &str) -> Self {
@@ -47,28 +52,47 @@ impl Owner {
             fingerprint: fingerprint.to_owned(),
             pod_uid: clean(pod_uid, 36),
             container: clean(container_id, 12),
-            ifname: String::new(),
+            ifnames: Vec::new(),
         }
     }
 
-    /// The same owner, for the attachment on interface `ifname`.
+    /// The same owner, for the attachment on interface `ifname` alone.
     pub fn on(mut self, ifname: &str) -> Self {
-        // Interface names are at most 15 bytes and have no spaces; anything else is not
-        // recorded (the comment must stay parseable and within nft's 128 bytes).
-        if ifname.len() < 16 && !ifname.contains(char::is_whitespace) && !ifname.contains('=') {
-            self.ifname = ifname.to_owned();
-        }
+        self.ifnames.clear();
+        self.attach(ifname);
         self
     }
 
-    /// The comment text: fits nft's 128-byte comment limit.
+    /// Counts `ifname` among the attached interfaces. `false` when it cannot be recorded: not
+    /// an interface name (at most 15 bytes; no spaces, `=` or `,`), or no room left in the
+    /// comment (see [`MAX_COMMENT`]; two 15-byte names always fit, seven `netN` names do).
+    /// Already counted is `true`.
+    pub fn attach(&mut self, ifname: &str) -> bool {
+        if self.ifnames.iter().any(|i| i == ifname) {
+            return true;
+        }
+        let valid = !ifname.is_empty()
+            && ifname.len() < 16
+            && !ifname.contains(|c: char| c.is_whitespace() || c == '=' || c == ',' || c == '"');
+        if !valid {
+            return false;
+        }
+        self.ifnames.push(ifname.to_owned());
+        if self.to_comment().len() > MAX_COMMENT {
+            self.ifnames.pop();
+            return false;
+        }
+        true
+    }
+
+    /// The comment text: at most [`MAX_COMMENT`] bytes.
     pub fn to_comment(&self) -> String {
         let mut comment = format!(
             "{OWNER_TAG} fp={} pod={} cid={}",
             self.fingerprint, self.pod_uid, self.container
         );
-        if !self.ifname.is_empty() {
-            comment += &format!(" if={}", self.ifname);
+        if !self.ifnames.is_empty() {
+            comment += &format!(" if={}", self.ifnames.join(","));
         }
         comment
     }
@@ -86,7 +110,13 @@ impl Owner {
                 "fp" => owner.fingerprint = v.to_owned(),
                 "pod" => owner.pod_uid = v.to_owned(),
                 "cid" => owner.container = v.to_owned(),
-                "if" => owner.ifname = v.to_owned(),
+                "if" => {
+                    owner.ifnames = v
+                        .split(',')
+                        .filter(|i| !i.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
                 _ => {}
             }
         }
@@ -691,5 +721,39 @@ impl fmt::Display for Hook {
             Hook::Prerouting => "prerouting",
             Hook::Output => "output",
         })
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_counts_interfaces_within_the_comment_limit() {
+        let uid = "0123456789abcdef0123456789abcdef0123";
+        let mut o = Owner::new("0123456789abcdef", uid, "c0ffee0123456789").on("eth0");
+        assert!(
+            o.attach("net1") && o.attach("eth0"),
+            "a repeat is counted once"
+        );
+        assert_eq!(o.ifnames, ["eth0", "net1"]);
+        let back = Owner::from_comment(&o.to_comment()).expect("parses");
+        assert_eq!(back, o);
+        for bad in ["", "a b", "a=b", "a,b", "sixteen-bytes-xx", "q\""] {
+            assert!(!o.attach(bad), "{bad:?}");
+        }
+        let mut n = 2;
+        while o.attach(&format!("net{n}")) {
+            n += 1;
+        }
+        assert!(n >= 7, "seven netN names fit: {:?}", o.ifnames);
+        assert!(o.to_comment().len() <= MAX_COMMENT);
+        let mut long = Owner::new("0123456789abcdef", uid, "c0ffee0123456789");
+        assert!(long.attach("fifteen-bytes-1") && long.attach("fifteen-bytes-2"));
+        assert!(long.to_comment().len() <= MAX_COMMENT);
+        assert_eq!(
+            Owner::from_comment("sluice/v1 fp=a pod= cid=b").map(|o| o.ifnames),
+            Some(vec![])
+        );
     }
 }
