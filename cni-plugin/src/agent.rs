@@ -53,6 +53,15 @@ where
     })
 }
 
+/// `msg` as a request carrying the caller's deadline (`grpc-timeout`), from which the agent
+/// derives its own: it answers "try again" before this side gives up, and work queued for a
+/// caller that has gone never starts.
+pub fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(msg);
+    request.set_timeout(timeout);
+    request
+}
+
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut cur = e.source();
@@ -93,4 +102,19 @@ fn from_status(socket: &str, s: &Status) -> CniError {
         _ => format!("sluice: {}", s.message()),
     };
     CniError::new(code, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_request_carries_the_callers_deadline() {
+        let r = super::timed((), std::time::Duration::from_millis(2000));
+        let header = r
+            .metadata()
+            .get("grpc-timeout")
+            .map(|v| v.to_str().map(str::to_owned));
+        assert!(
+            matches!(header, Some(Ok(v)) if v.ends_with('u') || v.ends_with('m') || v.ends_with('n') || v.ends_with('S'))
+        );
+    }
 }

@@ -80,7 +80,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             pod_ips: conf.pod_ips(),
         };
         agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-            c.attach(request).await
+            c.attach(agent::timed(request, conf.timeout())).await
         })?;
     }
     Ok(Output::Text(match &conf.prev_result {
@@ -99,7 +99,7 @@ fn del(env: &Env, conf: &NetConf) -> Output {
             ifname: env.ifname.clone(),
         };
         if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-            c.detach(request).await
+            c.detach(agent::timed(request, conf.timeout())).await
         }) {
             eprintln!(
                 "sluice-cni: DEL of {} continues without the agent: {}",
@@ -124,7 +124,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         pod: pod(env),
     };
     let reply = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-        c.check(request).await
+        c.check(agent::timed(request, conf.timeout())).await
     })?;
     if reply.ok {
         Ok(Output::Nothing)
@@ -139,7 +139,8 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
 /// STATUS: whether new pods can be served, which needs the agent.
 fn status(conf: &NetConf) -> Result<Output, CniError> {
     let reply = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-        c.status(StatusRequest {}).await
+        c.status(agent::timed(StatusRequest {}, conf.timeout()))
+            .await
     })
     .map_err(|e| CniError::new(NOT_AVAILABLE, e.msg))?;
     if reply.ready {
@@ -173,7 +174,7 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
         }
     };
     let list = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-        c.list(ListRequest {}).await
+        c.list(agent::timed(ListRequest {}, conf.timeout())).await
     })?;
     let mut failures = Vec::new();
     for stale in list.attachments.into_iter().filter(|a| !is_valid(a)) {
@@ -184,7 +185,7 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
             ifname: stale.ifname,
         };
         if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-            c.detach(request).await
+            c.detach(agent::timed(request, conf.timeout())).await
         }) {
             failures.push((id, e));
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use sluice_proto::FIELD_METADATA_KEY;
@@ -138,6 +138,8 @@ fn replan(record: &Record, defaults: &plan::PlanDefaults) -> Option<(Ruleset, pl
 fn work_status(e: crate::work::WorkError) -> Status {
     match e {
         crate::work::WorkError::Saturated { .. } => Status::resource_exhausted(e.to_string()),
+        // The wait is bounded by the call's deadline: running out of it is the deadline.
+        crate::work::WorkError::WaitedTooLong(_) => Status::deadline_exceeded(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }
 }
@@ -150,6 +152,57 @@ fn program_status(e: &program::ProgramError, message: String) -> Status {
     } else {
         Status::internal(bounded(message))
     }
+}
+
+/// The longest a call may take when its caller sets no deadline (`sluicectl`; the plugin
+/// always sends one).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The server-side deadline of a call: nine tenths of the caller's `grpc-timeout`, so that the
+/// agent's own answer, saying what took too long, reaches the caller before the caller's timer
+/// fires (and before tonic's, which drops the call at the full timeout); never more than
+/// [`MAX_DEADLINE`]. Waiting for a worker counts against it (see `Work::run_within`).
+pub fn deadline<T>(req: &Request<T>) -> Duration {
+    req.metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(MAX_DEADLINE, |t| (t * 9 / 10).min(MAX_DEADLINE))
+}
+
+/// `grpc-timeout` per the gRPC HTTP/2 protocol: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Runs one verb under its deadline. Past it the caller is told to try again (the plugin's
+/// code 11); kernel work that had started still runs to completion and is recorded (see
+/// `work`), so a retry finds it done (every verb is idempotent), and work that had not started
+/// never will.
+async fn within<T>(
+    limit: Duration,
+    verb: &str,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "the {verb} did not finish within the agent's deadline of {} ms (from the caller's timeout); try again",
+            limit.as_millis()
+        )))
+    })
 }
 
 fn required(field: &str, value: &str) -> Result<(), Status> {
@@ -188,6 +241,8 @@ fn error_reason(s: &Status) -> &'static str {
         tonic::Code::InvalidArgument => "invalid_argument",
         tonic::Code::NotFound => "not_found",
         tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::DeadlineExceeded => "deadline",
+        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => "saturated",
         _ => "kernel",
     }
 }
@@ -212,7 +267,8 @@ impl Agent for AgentService {
         req: Request<AttachRequest>,
     ) -> Result<Response<AttachResponse>, Status> {
         let start = Instant::now();
-        let result = self.attach_inner(req).await;
+        let limit = deadline(&req);
+        let result = within(limit, "attach", self.attach_inner(req, limit)).await;
         let m = &self.metrics;
         match &result {
             Ok(r) if r.get_ref().outcome == Outcome::Skipped as i32 => {
@@ -232,7 +288,8 @@ impl Agent for AgentService {
         &self,
         req: Request<DetachRequest>,
     ) -> Result<Response<DetachResponse>, Status> {
-        let result = self.detach_inner(req).await;
+        let limit = deadline(&req);
+        let result = within(limit, "detach", self.detach_inner(req, limit)).await;
         self.metrics.detach(match &result {
             Ok(r) if r.get_ref().removed => "removed",
             Ok(_) => "absent",
@@ -243,7 +300,8 @@ impl Agent for AgentService {
     }
 
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let result = self.check_inner(req).await;
+        let limit = deadline(&req);
+        let result = within(limit, "check", self.check_inner(req, limit)).await;
         match &result {
             Ok(r) if r.get_ref().ok => self.metrics.check("ok"),
             Ok(_) => {
@@ -293,6 +351,7 @@ impl AgentService {
     async fn attach_inner(
         &self,
         req: Request<AttachRequest>,
+        limit: Duration,
     ) -> Result<Response<AttachResponse>, Status> {
         let start = Instant::now();
         let req = req.into_inner();
@@ -387,12 +446,16 @@ impl AgentService {
                 duration_us,
             }))
         };
-        self.work.run(&key, work).await.map_err(work_status)?
+        self.work
+            .run_within(&key, limit, work)
+            .await
+            .map_err(work_status)?
     }
 
     async fn detach_inner(
         &self,
         req: Request<DetachRequest>,
+        limit: Duration,
     ) -> Result<Response<DetachResponse>, Status> {
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
@@ -467,12 +530,16 @@ impl AgentService {
             tracing::info!(container = %id, %ifname, netns = %req.netns, removed, forgotten, %reason, "detached");
             Ok(Response::new(DetachResponse { removed, reason }))
         };
-        self.work.run(&key, work).await.map_err(work_status)?
+        self.work
+            .run_within(&key, limit, work)
+            .await
+            .map_err(work_status)?
     }
 
     async fn check_inner(
         &self,
         req: Request<CheckRequest>,
+        limit: Duration,
     ) -> Result<Response<CheckResponse>, Status> {
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
@@ -518,7 +585,7 @@ impl AgentService {
         let ns = self.open(&netns)?;
         let live = self
             .work
-            .run(&req.container_id, async move {
+            .run_within(&req.container_id, limit, async move {
                 ns.run(program::inspect).await.map_err(netns_status)
             })
             .await
@@ -635,12 +702,95 @@ mod tests {
         )
     }
 
+    #[test]
+    fn grpc_timeout_values_are_parsed_per_the_protocol() {
+        let ms = |v: &str| parse_grpc_timeout(v).map(|d| d.as_millis());
+        assert_eq!(ms("1999m"), Some(1999));
+        assert_eq!(ms("2S"), Some(2000));
+        assert_eq!(ms("1M"), Some(60_000));
+        assert_eq!(ms("1500000u"), Some(1500));
+        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5S", "１m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        let mut req = Request::new(());
+        assert_eq!(deadline(&req), MAX_DEADLINE, "no deadline given");
+        req.metadata_mut()
+            .insert("grpc-timeout", "2000m".parse().expect("ascii"));
+        assert_eq!(deadline(&req), Duration::from_millis(1800));
+        req.metadata_mut()
+            .insert("grpc-timeout", "5H".parse().expect("ascii"));
+        assert_eq!(deadline(&req), MAX_DEADLINE, "capped");
+    }
+
+    /// A call whose container is busy waits no longer than its caller's deadline (from
+    /// `grpc-timeout`) and is told so: DEADLINE_EXCEEDED, the plugin's code 11, instead of
+    /// waiting out the agent's own queue limit; the abandoned work never starts.
+    #[test]
+    fn a_call_stuck_behind_its_containers_lock_ends_at_the_callers_deadline() {
+        let svc = Arc::new(AgentService::new(
+            AgentConfig::default(),
+            netns::Policy {
+                roots: vec![netns::Root::Proc],
+                host: netns::NsId { dev: 0, ino: 0 },
+            },
+            Arc::new(Metrics::new()),
+            Arc::new(std::sync::Mutex::new(Ok(()))),
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (release, held) = tokio::sync::oneshot::channel::<()>();
+            let (started, holding) = tokio::sync::oneshot::channel::<()>();
+            let busy = svc.clone();
+            let holder = tokio::spawn(async move {
+                busy.work
+                    .run("busy", async move {
+                        let _ = started.send(());
+                        let _ = held.await;
+                    })
+                    .await
+            });
+            holding.await.expect("the holder runs");
+            let mut req = Request::new(CheckRequest {
+                container_id: "busy".into(),
+                netns: format!("/proc/{}/ns/net", std::process::id()),
+                ..Default::default()
+            });
+            req.metadata_mut()
+                .insert("grpc-timeout", "300m".parse().expect("ascii"));
+            let answer = tokio::time::timeout(Duration::from_secs(120), svc.check(req))
+                .await
+                .expect("an answer");
+            let status = answer.expect_err("the container is busy");
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+            // Its waiter leaves the queue at the same deadline, never later than the queue limit.
+            let mut polls = 0;
+            while svc.work.load() != (1, 0) && polls < 1000 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                polls += 1;
+            }
+            assert_eq!(
+                svc.work.load(),
+                (1, 0),
+                "the abandoned check left the queue"
+            );
+            let _ = release.send(());
+            holder
+                .await
+                .expect("joined")
+                .expect("the holder's work ran");
+        });
+    }
+
     /// Arbitrary Attach, Detach and Check requests: never a panic; every refusal is a status
     /// with a bounded message, and an InvalidArgument names its field in `sluice-field`.
     #[test]
     fn arbitrary_requests_get_a_status_naming_the_field() {
         let svc = service();
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("runtime");
         let text = prop_oneof![

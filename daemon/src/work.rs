@@ -109,6 +109,22 @@ impl Work {
         T: Send + 'static,
         F: Future<Output = T> + Send + 'static,
     {
+        self.run_within(key, self.wait, work).await
+    }
+
+    /// [`Work::run`], waiting for a turn at most `limit` (and never longer than the configured
+    /// wait): the caller's deadline, so a waiter whose caller has given up leaves the queue
+    /// when its caller does, instead of holding a place until the configured wait runs out.
+    pub async fn run_within<T, F>(
+        &self,
+        key: &str,
+        limit: Duration,
+        work: F,
+    ) -> Result<T, WorkError>
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+    {
         let waiting = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
         let guard = Waiting(self.waiting.clone());
         if waiting > self.queue {
@@ -122,7 +138,7 @@ impl Work {
         }
         let lock = self.key_lock(key);
         let slots = self.slots.clone();
-        let wait = self.wait;
+        let wait = self.wait.min(limit);
         let (tx, rx) = tokio::sync::oneshot::channel();
         // Detached, so that once started the work finishes even if the caller hangs up.
         tokio::spawn(async move {
