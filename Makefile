@@ -10,7 +10,7 @@ IMAGE_TAR := target/image/sluice-agent-$(VERSION).tar
 # The kernel matrix boots Debian's kernel packages under QEMU (virtme-ng comes from PyPI).
 KERNEL_DEBS := qemu-system-x86 kmod python3-venv
 
-.PHONY: deps build demo test test-kernels lint bench bench-quick image clean
+.PHONY: deps build demo test test-kernels corpus lint bench bench-quick image clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -39,6 +39,10 @@ test-kernels: deps
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 	bash tests/kernels/matrix.sh
+
+## Re-record what the real containerd sends sluice-cni (tests/corpus; replayed by `make test`).
+corpus: build
+	$(CARGO) run -q -p sluice-tests --bin sluice-corpus -- record tests/corpus
 
 lint: deps
 	$(CARGO) fmt --all -- --check

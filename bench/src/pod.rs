@@ -116,20 +116,8 @@ pub fn run(
     n: usize,
     pb: &indicatif::ProgressBar,
 ) -> anyhow::Result<PodSamples> {
-    let sluiced = Containerd::start(
-        "bench-a",
-        &Chain {
-            agent_socket: Some(agent_socket.to_owned()),
-            index: 40,
-        },
-    );
-    let plain = Containerd::start(
-        "bench-bc",
-        &Chain {
-            agent_socket: None,
-            index: 41,
-        },
-    );
+    let sluiced = Containerd::start("bench-a", &Chain::new(Some(agent_socket.to_owned()), 40));
+    let plain = Containerd::start("bench-bc", &Chain::new(None, 41));
     let rules = plain.dir.join("istio.ipt");
     std::fs::write(&rules, ISTIO_IPT).context("writing the init container's rules")?;
     let mut out = PodSamples {

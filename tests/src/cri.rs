@@ -43,6 +43,19 @@ pub struct Chain {
     pub agent_socket: Option<String>,
     /// Distinguishes bridges and subnets of instances that might coexist (0-50).
     pub index: u8,
+    /// The conflist's `cniVersion` (what every plugin in it is called with).
+    pub cni_version: &'static str,
+}
+
+impl Chain {
+    /// bridge + host-local, chained with sluice at `agent_socket` if given, CNI 1.0.0.
+    pub fn new(agent_socket: Option<String>, index: u8) -> Self {
+        Chain {
+            agent_socket,
+            index,
+            cni_version: "1.0.0",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -85,7 +98,7 @@ pub fn conflist(chain: &Chain, ipam_dir: &Path) -> serde_json::Value {
             "timeoutMs": 5000,
         }));
     }
-    serde_json::json!({"cniVersion": "1.0.0", "name": "sluice-test", "plugins": plugins})
+    serde_json::json!({"cniVersion": chain.cni_version, "name": "sluice-test", "plugins": plugins})
 }
 
 fn config_toml(dir: &Path) -> String {
@@ -314,22 +327,30 @@ impl Containerd {
 
     /// StopPodSandbox then RemovePodSandbox, each must succeed.
     pub fn stop_and_remove(&self, id: &str) -> Result<(), String> {
+        self.stop_pod(id)?;
+        self.remove_pod(id)
+    }
+
+    /// StopPodSandbox (containerd's first DEL: with the netns and the cached prevResult).
+    pub fn stop_pod(&self, id: &str) -> Result<(), String> {
         let mut client = self.runtime.clone();
-        self.rt.block_on(async {
-            client
-                .stop_pod_sandbox(StopPodSandboxRequest {
-                    pod_sandbox_id: id.to_owned(),
-                })
-                .await
-                .map_err(|s| format!("StopPodSandbox: {}", s.message()))?;
-            client
-                .remove_pod_sandbox(RemovePodSandboxRequest {
-                    pod_sandbox_id: id.to_owned(),
-                })
-                .await
-                .map_err(|s| format!("RemovePodSandbox: {}", s.message()))?;
-            Ok(())
-        })
+        self.rt
+            .block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))
+            .map(drop)
+            .map_err(|s| format!("StopPodSandbox: {}", s.message()))
+    }
+
+    /// RemovePodSandbox (containerd's second DEL: no netns, no prevResult).
+    pub fn remove_pod(&self, id: &str) -> Result<(), String> {
+        let mut client = self.runtime.clone();
+        self.rt
+            .block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))
+            .map(drop)
+            .map_err(|s| format!("RemovePodSandbox: {}", s.message()))
     }
 
     /// The ids of the sandboxes containerd knows, by pod name.

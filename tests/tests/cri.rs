@@ -20,13 +20,7 @@ fn env(test: &str, index: u8) -> Env {
     require_root();
     let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let agent = Agent::start(&format!("cri-{test}"));
-    let containerd = Containerd::start(
-        test,
-        &Chain {
-            agent_socket: Some(agent.socket_str()),
-            index,
-        },
-    );
+    let containerd = Containerd::start(test, &Chain::new(Some(agent.socket_str()), index));
     Env {
         containerd,
         agent,

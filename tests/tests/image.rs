@@ -85,13 +85,7 @@ fn the_image_carries_the_binaries_and_their_libraries_and_imports_into_container
     assert!(ctl.contains("explain"));
 
     // Import into the test containerd: the CRI lists the DaemonSet's image name.
-    let containerd = Containerd::start(
-        "image",
-        &Chain {
-            agent_socket: None,
-            index: 9,
-        },
-    );
+    let containerd = Containerd::start("image", &Chain::new(None, 9));
     let out = Command::new("ctr")
         .arg("--address")
         .arg(&containerd.socket)
