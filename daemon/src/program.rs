@@ -17,6 +17,8 @@ pub enum ProgramError {
     Device(#[source] DeviceError),
     #[error("removing device setup: {0}")]
     Teardown(#[source] DeviceError),
+    #[error("reading device state: {0}")]
+    Inspect(#[source] DeviceError),
 }
 
 impl ProgramError {
@@ -27,6 +29,7 @@ impl ProgramError {
             ProgramError::Nft(NftError::Timeout { .. })
                 | ProgramError::Device(DeviceError::Timeout { .. })
                 | ProgramError::Teardown(DeviceError::Timeout { .. })
+                | ProgramError::Inspect(DeviceError::Timeout { .. })
         )
     }
 }
@@ -187,7 +190,15 @@ pub fn detach_for(ifname: &str, current: Option<&Ruleset>) -> Result<Detached, P
     })
 }
 
-/// Reads our table back.
-pub fn inspect() -> Result<Option<LiveTable>, NftError> {
-    nft::read()
+/// Reads our table back, and compares the device state with `device` when the pod should be
+/// captured (see [`device::inspect`]).
+pub fn inspect(
+    device: Option<&DeviceSetup>,
+) -> Result<(Option<LiveTable>, Vec<String>), ProgramError> {
+    let live = nft::read()?;
+    let drift = match device {
+        Some(d) => device::inspect(d).map_err(ProgramError::Inspect)?,
+        None => Vec::new(),
+    };
+    Ok((live, drift))
 }

@@ -583,14 +583,20 @@ impl AgentService {
         let ips = pod_ips(&ips)?;
         let decision = plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)?;
         let ns = self.open(&netns)?;
-        let live = self
+        let device = match &decision {
+            Decision::Capture { plan, .. } => Some(crate::device::DeviceSetup::from_plan(plan)),
+            Decision::Skip { .. } => None,
+        };
+        let (live, device_drift) = self
             .work
             .run_within(&req.container_id, limit, async move {
-                ns.run(program::inspect).await.map_err(netns_status)
+                ns.run(move || program::inspect(device.as_ref()))
+                    .await
+                    .map_err(netns_status)
             })
             .await
             .map_err(work_status)??
-            .map_err(|e| Status::internal(bounded(format!("reading table in {netns}: {e}"))))?;
+            .map_err(|e| program_status(&e, format!("reading the capture in {netns}: {e}")))?;
         let live_fingerprint = live
             .as_ref()
             .and_then(|l| l.owner())
@@ -614,7 +620,9 @@ impl AgentService {
                     .map(|o| o.ifnames)
                     .unwrap_or_default();
                 let rs = Ruleset::from_plan(&plan, owner);
-                (fp, nft::diff(&nft::expected(&rs), live.as_ref()))
+                let mut drift = nft::diff(&nft::expected(&rs), live.as_ref());
+                drift.extend(device_drift);
+                (fp, drift)
             }
         };
         if !drift.is_empty() {

@@ -17,7 +17,7 @@ work=$root/target/kernel-matrix
 mkdir -p "$work"
 
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(golden traffic cni differential safety)
+[ ${#suites[@]} -gt 0 ] || suites=(golden traffic cni differential safety check upgrade)
 
 # The oldest supported kernel (README, "Supported platforms") is the first entry.
 resolve() { # newest package whose name matches the regex, from the Debian archive

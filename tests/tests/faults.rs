@@ -131,7 +131,18 @@ fn a_failed_re_add_keeps_the_capture_in_place() {
     let again = add(&agent, "readd", &topo.pod, &ann);
     assert_ne!(again.exit, 0, "{again:?}");
     assert!(again.stdout.contains("route_localnet"), "{again:?}");
-    check(&agent, "readd").expect("the first ADD's table is still in place");
+    // Check now reports the one thing that really differs (the sysctl's interface is gone);
+    // the table and the policy routing are as the first ADD left them.
+    let drift = check(&agent, "readd").expect_err("eth0's sysctl is gone");
+    let lines: Vec<&str> = drift.lines().filter(|l| l.contains("drift")).collect();
+    assert!(
+        !lines.is_empty()
+            && lines
+                .iter()
+                .all(|l| l.contains("sysctl net.ipv4.conf.eth0.route_localnet")),
+        "only the sysctl differs: {drift}"
+    );
+    assert!(topo.pod.sluice_table().is_some(), "the table is in place");
     assert!(has_policy_rule(&topo.pod), "its policy routing too");
 }
 

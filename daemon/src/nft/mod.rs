@@ -236,11 +236,21 @@ pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
         return vec![format!("table inet {TABLE} is missing")];
     };
     let mut out = Vec::new();
-    if expected.comment != live.comment {
-        out.push(format!(
-            "table metadata differs: expected {:?}, found {:?}",
-            expected.comment, live.comment
-        ));
+    // Ownership is compared (which pod the table belongs to), not the whole comment: the
+    // fingerprint labels what was applied and the rules below are compared one by one, so a
+    // table written by an earlier release (another fingerprint form) with the same rules is
+    // not drift; the interfaces attached are bookkeeping, not capture.
+    match (expected.owner(), live.owner()) {
+        (Some(want), Some(have))
+            if want.container == have.container && want.pod_uid == have.pod_uid => {}
+        (_, Some(have)) => out.push(format!(
+            "the table belongs to another pod (container {}, pod uid {})",
+            have.container, have.pod_uid
+        )),
+        (_, None) => out.push(format!(
+            "the table's metadata is not sluice's: {:?}",
+            live.comment
+        )),
     }
     for want in &expected.chains {
         match live.chains.iter().find(|c| c.name == want.name) {

@@ -691,3 +691,45 @@ fn arbitrary_annotation_maps_plan_or_name_the_bad_annotation() {
         .as_bytes(),
     );
 }
+
+/// The fingerprint is a hash of the canonical text, which is written field by field: its form
+/// for the default plan is pinned here, and the fingerprints of a few plans are pinned too, so
+/// a change to either (which would make every live pod look re-planned after an upgrade) fails
+/// this test instead of shipping.
+#[test]
+fn fingerprints_come_from_a_canonical_versioned_text() {
+    assert_eq!(
+        plan(&[]).canonical(),
+        "sluice-plan/2\nmode=redirect\nfamilies=ipv4\noutbound_port=15001\ninbound_port=15006\n\
+         proxy_uid=1337\nproxy_gid=1337\nexclude_inbound_ports=15008,15020,15021,15090\n\
+         loopback=istio tunnel_port=15008 source=127.0.0.6 source6=::6\n"
+    );
+    let pinned = [
+        (plan(&[]), "c5741236454798db"),
+        (plan(&[("sluice.dev/mode", "tproxy")]), "fbd2df945932d81d"),
+        (
+            plan(&[
+                ("sluice.dev/exclude-outbound-cidrs", "10.0.0.0/8"),
+                (
+                    "sluice.dev/sysctls",
+                    "net.ipv4.ip_local_port_range=20000 30000",
+                ),
+            ]),
+            "cec95f6fe7d5463e",
+        ),
+    ];
+    let got: Vec<String> = pinned.iter().map(|(p, _)| p.fingerprint()).collect();
+    let want: Vec<&str> = pinned.iter().map(|(_, fp)| *fp).collect();
+    assert_eq!(got, want);
+    // A field at its base value is left out: a plan with a DNS port differs only by that line.
+    let with_dns = RedirectPlan {
+        dns_port: Some(15053),
+        ..plan(&[])
+    };
+    assert_eq!(
+        with_dns.canonical(),
+        plan(&[])
+            .canonical()
+            .replace("loopback=", "dns_port=15053\nloopback=")
+    );
+}

@@ -1,0 +1,162 @@
+//! Check verifies everything an ADD programs — the table, `lo`, the `::6` address, TPROXY's
+//! policy rule and route, the sysctls — in REDIRECT, TPROXY and dual-stack: no drift on a
+//! fresh pod, drift naming the damage for each kind made by hand, and a re-ADD repairs it.
+
+use sluice_tests::*;
+
+struct Damage {
+    what: &'static str,
+    /// Commands run in the pod's netns.
+    commands: &'static [&'static [&'static str]],
+    /// A piece of the drift line Check must print.
+    expect: &'static str,
+}
+
+const SYSCTL: (&str, &str) = (
+    "sluice.dev/sysctls",
+    "net.ipv4.ip_local_port_range=20000 30000",
+);
+
+fn pod_ips_dual() -> String {
+    r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"x"}],"ips":[{"address":"10.99.0.2/24","interface":0},{"address":"fd00::2/64","interface":0}]}"#.to_owned()
+}
+
+fn run_case(
+    name: &str,
+    annotations: &[(&str, &str)],
+    prev: &str,
+    damages: &[Damage],
+) -> Vec<String> {
+    let agent = Agent::start(&format!("check-{name}"));
+    let ns = Netns::new(&format!("sl-chk-{name}"));
+    let stdin = conf("1.0.0", &agent.socket_str(), annotations, Some(prev));
+    let add = cni("ADD", name, &ns.path(), &stdin);
+    assert_eq!(add.exit, 0, "{name}: {add:?}");
+    let check = |label: &str| -> (bool, String) {
+        let out = agent.ctl(&["check", name]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = label;
+        (out.status.success(), text)
+    };
+    let (ok, text) = check("fresh");
+    assert!(ok, "{name}: a fresh pod has no drift:\n{text}");
+    let mut seen = Vec::new();
+    for d in damages {
+        for cmd in d.commands {
+            let out = ns.exec(cmd);
+            assert!(out.status.success(), "{name}/{}: {cmd:?}: {out:?}", d.what);
+        }
+        let (ok, text) = check(d.what);
+        assert!(!ok, "{name}: {} is drift, Check said ok:\n{text}", d.what);
+        assert!(
+            text.contains(d.expect),
+            "{name}: {}: expected {:?} in:\n{text}",
+            d.what,
+            d.expect
+        );
+        let run = cni("CHECK", name, &ns.path(), &stdin);
+        assert_eq!(run.error_code(), 100, "{name}/{}: {run:?}", d.what);
+        let again = cni("ADD", name, &ns.path(), &stdin);
+        assert_eq!(again.exit, 0, "{name}/{}: re-ADD: {again:?}", d.what);
+        let (ok, text) = check("repaired");
+        assert!(ok, "{name}: after {} and a re-ADD:\n{text}", d.what);
+        seen.push(format!("{name}: {}", d.what));
+    }
+    seen
+}
+
+#[test]
+fn check_sees_every_kind_of_damage_and_never_false_drift() {
+    require_root();
+    let mut seen = Vec::new();
+    seen.extend(run_case(
+        "redirect",
+        &[("sluice.dev/redirect", "enabled"), SYSCTL],
+        &prev_result("1.0.0"),
+        &[
+            Damage {
+                what: "a rule added",
+                commands: &[&[
+                    "nft", "insert", "rule", "inet", "sluice", "outbound", "accept",
+                ]],
+                expect: "chain outbound has",
+            },
+            Damage {
+                what: "a sysctl changed",
+                commands: &[&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999"]],
+                expect: "sysctl net.ipv4.ip_local_port_range is \"32768 60999\"",
+            },
+            Damage {
+                what: "lo down",
+                commands: &[&["ip", "link", "set", "lo", "down"]],
+                expect: "lo is down",
+            },
+        ],
+    ));
+    seen.extend(run_case(
+        "tproxy",
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/mode", "tproxy"),
+        ],
+        &prev_result("1.0.0"),
+        &[
+            Damage {
+                what: "the policy rule deleted",
+                commands: &[&["ip", "rule", "del", "fwmark", "1337", "lookup", "133"]],
+                expect: "ip rule fwmark 1337 lookup 133 is missing",
+            },
+            Damage {
+                what: "the local route deleted",
+                commands: &[&[
+                    "ip", "route", "del", "local", "default", "dev", "lo", "table", "133",
+                ]],
+                expect: "ip route local default dev lo table 133 is missing",
+            },
+            Damage {
+                what: "the table deleted",
+                commands: &[&["nft", "delete", "table", "inet", "sluice"]],
+                expect: "table inet sluice is missing",
+            },
+        ],
+    ));
+    seen.extend(run_case(
+        "dual",
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/mode", "tproxy"),
+        ],
+        &pod_ips_dual(),
+        &[
+            Damage {
+                what: "the ::6 address deleted",
+                commands: &[&["ip", "-6", "addr", "del", "::6/128", "dev", "lo"]],
+                expect: "address ::6/128 on lo is missing",
+            },
+            Damage {
+                what: "the IPv6 policy rule deleted",
+                commands: &[&["ip", "-6", "rule", "del", "fwmark", "1337", "lookup", "133"]],
+                expect: "ip -6 rule fwmark 1337 lookup 133 is missing",
+            },
+            Damage {
+                what: "the IPv6 local route deleted",
+                commands: &[&[
+                    "ip", "-6", "route", "del", "local", "::/0", "dev", "lo", "table", "133",
+                ]],
+                expect: "ip -6 route local default dev lo table 133 is missing",
+            },
+            Damage {
+                what: "a foreign sluice rule added",
+                commands: &[&[
+                    "ip", "rule", "add", "fwmark", "7", "lookup", "77", "proto", "83",
+                ]],
+                expect: "unexpected sluice rule: fwmark 7 lookup 77",
+            },
+        ],
+    ));
+    eprintln!("check: {} kinds of damage seen and repaired", seen.len());
+}
