@@ -36,6 +36,11 @@ pub struct AgentConfig {
     pub health_addr: Option<std::net::SocketAddr>,
     /// Install into the node's CNI dirs at start-up and keep the chain in place.
     pub install: Option<NodeInstall>,
+    /// The container runtime's CRI socket for sandbox discovery and repair (`reconcile`);
+    /// `None` turns discovery off.
+    pub cri_socket: Option<PathBuf>,
+    pub repair: crate::reconcile::Repair,
+    pub reconcile_interval: std::time::Duration,
 }
 
 /// The long-running agent's node install.
@@ -58,6 +63,9 @@ impl Default for AgentConfig {
             metrics_addr: crate::metrics::DEFAULT_ADDR.parse().ok(),
             health_addr: None,
             install: None,
+            cri_socket: Some(crate::discovery::DEFAULT_CRI_SOCKET.into()),
+            repair: crate::reconcile::Repair::default(),
+            reconcile_interval: crate::reconcile::DEFAULT_INTERVAL,
         }
     }
 }
@@ -84,6 +92,11 @@ pub struct FileConfig {
     pub tproxy_table: Option<u32>,
     /// Mesh profiles to read annotations of (default: all): "istio", "linkerd".
     pub profiles: Option<Vec<String>>,
+    /// CRI socket path, or `off`.
+    pub cri_socket: Option<String>,
+    pub repair: Option<crate::reconcile::Repair>,
+    /// Seconds between reconcile passes.
+    pub reconcile_interval: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +151,12 @@ impl FileConfig {
                 message: "tproxy-table must not be 0 or a kernel table (253-255)".into(),
             });
         }
+        if file.reconcile_interval == Some(0) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: "reconcile-interval must be at least 1 (seconds)".into(),
+            });
+        }
         if let Some(unknown) = file
             .profiles
             .iter()
@@ -172,6 +191,15 @@ impl FileConfig {
         if let Some(v) = self.health_addr {
             cfg.health_addr = Some(v);
         }
+        if let Some(v) = self.cri_socket {
+            cfg.cri_socket = cri_socket(&v);
+        }
+        if let Some(v) = self.repair {
+            cfg.repair = v;
+        }
+        if let Some(v) = self.reconcile_interval {
+            cfg.reconcile_interval = std::time::Duration::from_secs(v.max(1));
+        }
         let p = &mut cfg.plan;
         p.outbound_port = self.outbound_port.unwrap_or(p.outbound_port);
         p.inbound_port = self.inbound_port.unwrap_or(p.inbound_port);
@@ -186,6 +214,14 @@ impl FileConfig {
             p.istio = v.iter().any(|s| s == "istio");
             p.linkerd = v.iter().any(|s| s == "linkerd");
         }
+    }
+}
+
+/// A `cri-socket` value: a path, or `off` (or empty) for no discovery.
+pub fn cri_socket(v: &str) -> Option<PathBuf> {
+    match v.trim() {
+        "" | "off" => None,
+        path => Some(path.into()),
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod device;
+pub mod discovery;
 pub mod install;
 pub mod logging;
 pub mod metrics;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod privileges;
 pub mod probe;
 pub mod program;
+pub mod reconcile;
 pub mod registry;
 pub mod ruleset;
 pub mod server;

@@ -42,8 +42,20 @@ pub struct Metrics {
     /// Attaches that atomically replaced an existing sluice table (a re-ADD re-programming a
     /// pod, which also repairs any drift).
     pub drift_repaired: Counter,
+    /// Captures the reconciler re-programmed, by reason (`missing`, `drift`).
+    pub repairs: Family<Reason, Counter>,
+    /// READY pods that ask for capture and lack it or have drifted, left alone (repair =
+    /// report) or whose repair failed, as of the last reconcile pass.
+    pub uncaptured_pods: Gauge,
+    /// Reconcile passes by result (`ok`, `error`: the runtime did not answer).
+    pub reconcile_passes: Family<Outcome, Counter>,
     rss_bytes: Gauge,
     cpu_seconds: Gauge<f64, AtomicU64>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -66,6 +78,9 @@ impl Metrics {
             attached_pods: Gauge::default(),
             drift_detected: Counter::default(),
             drift_repaired: Counter::default(),
+            repairs: Family::default(),
+            uncaptured_pods: Gauge::default(),
+            reconcile_passes: Family::default(),
             rss_bytes: Gauge::default(),
             cpu_seconds: Gauge::default(),
             registry: Registry::default(),
@@ -93,6 +108,21 @@ impl Metrics {
             "Attaches that atomically replaced an existing sluice table",
             m.drift_repaired.clone(),
         );
+        registry.register(
+            "repairs",
+            "Captures the reconciler re-programmed, by reason (missing, drift)",
+            m.repairs.clone(),
+        );
+        registry.register(
+            "uncaptured_pods",
+            "READY pods asking for capture that lack it or have drifted, as of the last reconcile pass",
+            m.uncaptured_pods.clone(),
+        );
+        registry.register(
+            "reconcile_passes",
+            "Reconcile passes over the runtime's sandboxes, by result",
+            m.reconcile_passes.clone(),
+        );
         let info = Family::<BuildInfo, Gauge>::default();
         info.get_or_create(&BuildInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -114,6 +144,18 @@ impl Metrics {
 
     pub fn attach(&self, result: &str, reason: &str) {
         inc(&self.attaches, result, reason);
+    }
+
+    pub fn repair(&self, reason: &str) {
+        self.repairs
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn reconcile_pass(&self, result: &str) {
+        inc(&self.reconcile_passes, result, "");
     }
 
     pub fn detach(&self, result: &str) {

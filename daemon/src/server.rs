@@ -184,8 +184,34 @@ pub async fn serve(
         }
         None => None,
     };
-    let service = AgentService::new(config, policy, metrics, install_state.clone());
+    let discovery = config
+        .cri_socket
+        .clone()
+        .map(|socket| (socket, config.repair, config.reconcile_interval));
+    let service = Arc::new(AgentService::new(
+        config,
+        policy,
+        metrics,
+        install_state.clone(),
+    ));
     report_health(&install_state, &health_reporter).await;
+    // Sandbox discovery and repair: a first pass now (rebuilding the records after a
+    // restart), then one per interval.
+    let reconciler = discovery.map(|(socket, repair, interval)| {
+        service.set_discovery(format!("cri {}: first pass pending", socket.display()));
+        tracing::info!(cri_socket = %socket.display(), ?repair, ?interval, "sandbox discovery on");
+        tokio::spawn(crate::reconcile::run(
+            service.clone(),
+            crate::discovery::Cri::new(&socket),
+            repair,
+            interval,
+        ))
+    });
+    if reconciler.is_none() {
+        tracing::info!(
+            "sandbox discovery off (no CRI socket): records come from the plugin's calls alone"
+        );
+    }
     // Graceful shutdown waits for clients to hang up; a long-lived client (sluicectl watch,
     // a benchmark) must not keep a SIGTERMed agent alive, so in-flight calls get a bounded
     // grace period.
@@ -193,7 +219,10 @@ pub async fn serve(
     let stopped = stop.clone();
     let server = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(AgentServer::with_interceptor(service, peer_filter(allow)))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AgentServer::from_arc(service),
+            peer_filter(allow),
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             stopped.notified().await
         });
@@ -212,6 +241,9 @@ pub async fn serve(
         }
     };
     let _ = std::fs::remove_file(&socket);
+    if let Some(task) = reconciler {
+        task.abort();
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }

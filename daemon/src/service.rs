@@ -34,6 +34,8 @@ pub struct AgentService {
     install: InstallState,
     /// Admission and per-container ordering of kernel work.
     work: crate::work::Work,
+    /// How sandbox discovery is doing (see `reconcile`), for Status.
+    discovery: std::sync::Mutex<String>,
 }
 
 /// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
@@ -54,7 +56,50 @@ impl AgentService {
             metrics,
             install,
             work: crate::work::Work::default(),
+            discovery: std::sync::Mutex::new(
+                "off: no CRI socket configured; the agent works from the plugin's calls alone"
+                    .to_owned(),
+            ),
         }
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn policy(&self) -> &netns::Policy {
+        &self.policy
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Records how sandbox discovery is doing (Status shows it).
+    pub fn set_discovery(&self, status: String) {
+        *self.discovery.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    pub fn discovery_status(&self) -> String {
+        self.discovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the attached-pods gauge from the records.
+    pub fn refresh_attached_gauge(&self) {
+        self.metrics.attached_pods.set(self.registry.pods() as i64);
+    }
+
+    /// Runs `work` for container `id` under the same admission and per-container lock as the
+    /// RPCs (the reconciler's repairs never interleave with the plugin's verbs on that pod).
+    pub async fn run_for<T, F>(&self, id: &str, work: F) -> Result<T, crate::work::WorkError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        self.work.run(id, work).await
     }
 
     /// Ready to program new pods: the install is in place and the kernel path works.
@@ -205,6 +250,12 @@ async fn within<T>(
     })
 }
 
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn required(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         Err(invalid(field, "is required"))
@@ -326,6 +377,7 @@ impl Agent for AgentService {
             reason,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             attached: self.registry.len() as u32,
+            discovery: self.discovery_status(),
         }))
     }
 
@@ -375,9 +427,12 @@ impl AgentService {
         let fingerprint = plan.fingerprint();
         let ruleset = Ruleset::from_plan(
             &plan,
-            Owner::new(&fingerprint, &pod.uid, &req.container_id).on(&req.ifname),
+            Owner::new(&fingerprint, &pod.uid, &req.container_id)
+                .on(&req.ifname)
+                .at(unix_now()),
         );
         let rule_count = ruleset.rule_count() as u32;
+        let attached_at = ruleset.owner.attached_at;
         if ruleset.rule_count() > plan::MAX_RULES {
             return Err(plan_status(plan::too_many_rules(
                 &annotations,
@@ -425,14 +480,13 @@ impl AgentService {
                 attachment: Attachment {
                     container_id: req.container_id,
                     ifname: req.ifname,
+                    state: "ok".to_owned(),
                     netns: req.netns,
                     pod: Some(pod),
                     fingerprint: fingerprint.clone(),
                     profile: profile.to_string(),
                     rule_count,
-                    attached_at_unix: SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64),
+                    attached_at_unix: attached_at as i64,
                 },
                 annotations,
                 pod_ips: req.pod_ips,

@@ -546,6 +546,11 @@ impl Agent {
         if !self.extra.iter().any(|a| a == "--metrics-addr") {
             cmd.args(["--metrics-addr", "127.0.0.1:0"]);
         }
+        // No sandbox discovery unless a test asks for it with its own runtime's socket (this
+        // machine may run another containerd at the default path).
+        if !self.extra.iter().any(|a| a == "--cri-socket") {
+            cmd.args(["--cri-socket", "off"]);
+        }
         let child = cmd
             .args(&self.extra)
             .stdout(Stdio::null())
@@ -741,4 +746,31 @@ pub fn cni_on(ifname: &str, command: &str, container_id: &str, netns: &str, stdi
         stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// GET a metrics URL over plain HTTP/1.1; the whole response, status line included.
+pub fn scrape(url: &str) -> String {
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("path");
+    let mut stream = std::net::TcpStream::connect(host).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    std::io::Write::write_fmt(
+        &mut stream,
+        format_args!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .expect("request");
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of the first sample of `series` (name with labels, as printed).
+pub fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }

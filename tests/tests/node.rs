@@ -1,7 +1,6 @@
 //! The agent as a DaemonSet runs it: least privilege (exactly CAP_NET_ADMIN + CAP_SYS_ADMIN),
 //! Prometheus metrics scraped over HTTP, and readiness that waits for the node install.
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -94,31 +93,6 @@ fn without_net_admin_the_agent_fails_fast_with_a_clear_message() {
         err.contains("missing capability CAP_NET_ADMIN") && err.contains("NET_ADMIN, SYS_ADMIN"),
         "{err}"
     );
-}
-
-fn scrape(url: &str) -> String {
-    let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest.split_once('/').expect("path");
-    let mut stream = std::net::TcpStream::connect(host).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).expect("response");
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
-}
-
-fn value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 #[test]

@@ -35,6 +35,16 @@ struct Args {
     /// Serve the gRPC health service alone on this TCP address too (kubelet gRPC probes).
     #[arg(long)]
     health_addr: Option<std::net::SocketAddr>,
+    /// The container runtime's CRI socket, for sandbox discovery and repair, or `off`
+    /// [default: /run/containerd/containerd.sock; CRI-O: /var/run/crio/crio.sock].
+    #[arg(long)]
+    cri_socket: Option<String>,
+    /// What the reconciler does about a pod lacking its capture: `apply` it, or `report` only.
+    #[arg(long, value_enum)]
+    repair: Option<sluice::reconcile::Repair>,
+    /// Seconds between reconcile passes [default: 15].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    reconcile_interval: Option<u64>,
     /// Install into the node's CNI dirs at start-up and keep sluice-cni chained.
     #[arg(long)]
     install: bool,
@@ -117,6 +127,15 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = args.health_addr {
         config.health_addr = Some(addr);
+    }
+    if let Some(v) = &args.cri_socket {
+        config.cri_socket = sluice::config::cri_socket(v);
+    }
+    if let Some(v) = args.repair {
+        config.repair = v;
+    }
+    if let Some(v) = args.reconcile_interval {
+        config.reconcile_interval = std::time::Duration::from_secs(v);
     }
     sluice::logging::init(config.log_format);
 

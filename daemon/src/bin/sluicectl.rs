@@ -99,15 +99,16 @@ fn main() -> anyhow::Result<()> {
             Command::List => {
                 let list = agent.list(ListRequest {}).await?.into_inner();
                 println!(
-                    "{:<14} {:<16} {:<30} {:<18} {:<8} {:>5}  NETNS",
-                    "CONTAINER", "IFNAME", "POD", "FINGERPRINT", "PROFILE", "RULES"
+                    "{:<14} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  NETNS",
+                    "CONTAINER", "IFNAME", "STATE", "POD", "FINGERPRINT", "PROFILE", "RULES"
                 );
                 for a in list.attachments {
                     let pod = a.pod.unwrap_or_default();
                     println!(
-                        "{:<14} {:<16} {:<30} {:<18} {:<8} {:>5}  {}",
+                        "{:<14} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  {}",
                         a.container_id.chars().take(12).collect::<String>(),
                         a.ifname,
+                        a.state,
                         format!("{}/{}", pod.namespace, pod.name),
                         a.fingerprint,
                         a.profile,
@@ -136,7 +137,7 @@ fn main() -> anyhow::Result<()> {
             Command::Status => {
                 let s = agent.status(StatusRequest {}).await?.into_inner();
                 println!(
-                    "ready: {}{}\nversion: {}\nattached: {}",
+                    "ready: {}{}\nversion: {}\nattached: {}\ndiscovery: {}",
                     s.ready,
                     if s.reason.is_empty() {
                         String::new()
@@ -144,7 +145,8 @@ fn main() -> anyhow::Result<()> {
                         format!(" ({})", s.reason)
                     },
                     s.version,
-                    s.attached
+                    s.attached,
+                    s.discovery
                 );
             }
             Command::Explain { .. } => unreachable!("handled above"),

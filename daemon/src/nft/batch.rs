@@ -10,19 +10,21 @@ use nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField};
 use nftnl::expr::{TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict as NftVerdict};
 use nftnl::{Batch, ChainType, FinalizedBatch, MsgType, ProtoFamily};
 
-use super::ffi::{Redir, TableMsg, Tproxy, comment_udata};
+use super::ffi::{Redir, TableMsg, Tproxy, table_udata};
 use crate::ruleset::{self, Family, Hook, Kind, L4, Match, Op, Ruleset, TABLE, Verdict};
 
 fn cstring(s: &str) -> CString {
     CString::new(s).unwrap_or_else(|_| unreachable!("chain and table names are NUL-free literals"))
 }
 
-fn table_msg(comment: Option<&str>, exclusive: bool) -> TableMsg {
+fn table_msg(owner: Option<&crate::ruleset::Owner>, exclusive: bool) -> TableMsg {
     TableMsg {
         name: cstring(TABLE),
         family: ProtoFamily::Inet,
         exclusive,
-        userdata: comment.map(comment_udata).unwrap_or_default(),
+        userdata: owner
+            .map(|o| table_udata(&o.to_comment(), &o.to_state()))
+            .unwrap_or_default(),
     }
 }
 
@@ -45,7 +47,7 @@ pub(super) fn install(rs: &Ruleset, mode: Mode) -> FinalizedBatch {
         batch.add(&table_msg(None, false), MsgType::Del);
     }
     batch.add(
-        &table_msg(Some(&rs.owner.to_comment()), mode == Mode::Create),
+        &table_msg(Some(&rs.owner), mode == Mode::Create),
         MsgType::Add,
     );
 

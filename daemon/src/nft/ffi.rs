@@ -92,7 +92,7 @@ pub(super) struct TableMsg {
     pub family: ProtoFamily,
     /// Add with NLM_F_EXCL: fail with EEXIST instead of reusing an existing table.
     pub exclusive: bool,
-    /// Raw userdata TLVs, see [`comment_udata`].
+    /// Raw userdata TLVs, see [`table_udata`].
     pub userdata: Vec<u8>,
 }
 
@@ -137,30 +137,48 @@ unsafe impl nftnl::NlMsg for TableMsg {
     }
 }
 
-/// Userdata holding one comment TLV, the layout `nft` reads (`NFTNL_UDATA_TABLE_COMMENT`,
-/// length including the NUL, the string, NUL).
-pub(super) fn comment_udata(comment: &str) -> Vec<u8> {
-    let mut out = vec![
-        sys::NFTNL_UDATA_TABLE_COMMENT as u8,
-        (comment.len() + 1) as u8,
-    ];
-    out.extend_from_slice(comment.as_bytes());
-    out.push(0);
+/// The userdata TLV type of sluice's own table state (full container id, attach time): not
+/// one `nft` knows, so `nft` skips it when listing (it reads only the comment, type 0) and
+/// operators see the comment alone.
+pub(super) const UDATA_SLUICE_STATE: u8 = 0xa1;
+
+/// Table userdata: the comment TLV in the layout `nft` reads (`NFTNL_UDATA_TABLE_COMMENT`,
+/// length including the NUL, the string, NUL), then sluice's state TLV in the same layout.
+/// Each value is at most 254 bytes (callers bound them; the kernel takes 256 in all).
+pub(super) fn table_udata(comment: &str, state: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(comment.len() + state.len() + 6);
+    for (kind, value) in [
+        (sys::NFTNL_UDATA_TABLE_COMMENT as u8, comment),
+        (UDATA_SLUICE_STATE, state),
+    ] {
+        if value.is_empty() {
+            continue;
+        }
+        out.push(kind);
+        out.push((value.len() + 1) as u8);
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
     out
 }
 
-/// The comment inside table userdata, if any (pure parse of the TLV layout above).
-pub(super) fn udata_comment(mut udata: &[u8]) -> Option<String> {
+/// The value of TLV `kind` inside table userdata, if any (pure parse of the layout above).
+pub(super) fn udata_field(mut udata: &[u8], kind: u8) -> Option<String> {
     while udata.len() >= 2 {
-        let (kind, len) = (udata[0], udata[1] as usize);
+        let (k, len) = (udata[0], udata[1] as usize);
         let value = udata.get(2..2 + len)?;
-        if kind == sys::NFTNL_UDATA_TABLE_COMMENT as u8 {
+        if k == kind {
             let value = value.strip_suffix(&[0]).unwrap_or(value);
             return Some(String::from_utf8_lossy(value).into_owned());
         }
         udata = &udata[2 + len..];
     }
     None
+}
+
+/// The comment inside table userdata, if any.
+pub(super) fn udata_comment(udata: &[u8]) -> Option<String> {
+    udata_field(udata, sys::NFTNL_UDATA_TABLE_COMMENT as u8)
 }
 
 /// A table as read from a netlink message.

@@ -67,6 +67,8 @@ pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(4);
 pub struct LiveTable {
     /// The table's comment (owner metadata), if any.
     pub comment: Option<String>,
+    /// sluice's state stored beside the comment (see `Owner::to_state`), if any.
+    pub state: Option<String>,
     pub chains: Vec<LiveChain>,
 }
 
@@ -81,7 +83,11 @@ pub struct LiveChain {
 
 impl LiveTable {
     pub fn owner(&self) -> Option<Owner> {
-        self.comment.as_deref().and_then(Owner::from_comment)
+        let mut owner = self.comment.as_deref().and_then(Owner::from_comment)?;
+        if let Some(state) = &self.state {
+            owner.read_state(state);
+        }
+        Some(owner)
     }
 }
 
@@ -151,10 +157,13 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
             && t.family == inet
             && t.name == TABLE
         {
-            table = Some(ffi::udata_comment(&t.userdata));
+            table = Some((
+                ffi::udata_comment(&t.userdata),
+                ffi::udata_field(&t.userdata, ffi::UDATA_SLUICE_STATE),
+            ));
         }
     })?;
-    let Some(comment) = table else {
+    let Some((comment, state)) = table else {
         return Ok(None);
     };
     let mut chains: Vec<LiveChain> = Vec::new();
@@ -179,7 +188,11 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
             c.rules.push(r.exprs);
         }
     })?;
-    Ok(Some(LiveTable { comment, chains }))
+    Ok(Some(LiveTable {
+        comment,
+        state,
+        chains,
+    }))
 }
 
 /// What [`read`] returns right after [`apply`] of `rs`: computed by parsing our own batch with
@@ -226,6 +239,7 @@ pub fn expected(rs: &Ruleset) -> LiveTable {
     }
     LiveTable {
         comment: Some(rs.owner.to_comment()),
+        state: Some(rs.owner.to_state()).filter(|s| !s.is_empty()),
         chains,
     }
 }

@@ -30,6 +30,12 @@ pub struct Owner {
     /// until the DEL of the last of them. Empty when unknown (tables written before this field
     /// existed): any DEL removes such a table.
     pub ifnames: Vec<String>,
+    /// The full container (sandbox) id, kept beside the comment (not shown by `nft`), so the
+    /// agent can match a table to the runtime's sandbox after a restart. Empty when unknown.
+    pub container_id: String,
+    /// Unix time (seconds) of the ADD that installed or last re-installed the capture; 0 when
+    /// unknown (tables written before this field existed).
+    pub attached_at: u64,
 }
 
 const OWNER_TAG: &str = "sluice/v1";
@@ -53,6 +59,37 @@ impl Owner {
             pod_uid: clean(pod_uid, 36),
             container: clean(container_id, 12),
             ifnames: Vec::new(),
+            container_id: clean(container_id, 128),
+            attached_at: 0,
+        }
+    }
+
+    /// The same owner, attached at `unix` seconds.
+    pub fn at(mut self, unix: u64) -> Self {
+        self.attached_at = unix;
+        self
+    }
+
+    /// The state kept beside the comment: `id=<container id> at=<unix>` (what is known).
+    pub fn to_state(&self) -> String {
+        let mut words = Vec::new();
+        if !self.container_id.is_empty() {
+            words.push(format!("id={}", self.container_id));
+        }
+        if self.attached_at != 0 {
+            words.push(format!("at={}", self.attached_at));
+        }
+        words.join(" ")
+    }
+
+    /// Reads what [`Owner::to_state`] wrote; unknown words are ignored.
+    pub fn read_state(&mut self, state: &str) {
+        for (k, v) in state.split(' ').filter_map(|w| w.split_once('=')) {
+            match k {
+                "id" => self.container_id = v.to_owned(),
+                "at" => self.attached_at = v.parse().unwrap_or(0),
+                _ => {}
+            }
         }
     }
 
@@ -737,8 +774,10 @@ mod owner_tests {
             "a repeat is counted once"
         );
         assert_eq!(o.ifnames, ["eth0", "net1"]);
-        let back = Owner::from_comment(&o.to_comment()).expect("parses");
-        assert_eq!(back, o);
+        let mut back = Owner::from_comment(&o.to_comment()).expect("parses");
+        back.read_state(&o.clone().at(1_763_797_200).to_state());
+        assert_eq!(back, o.clone().at(1_763_797_200));
+        assert_eq!(back.container_id, "c0ffee0123456789");
         for bad in ["", "a b", "a=b", "a,b", "sixteen-bytes-xx", "q\""] {
             assert!(!o.attach(bad), "{bad:?}");
         }

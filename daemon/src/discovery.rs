@@ -1,0 +1,231 @@
+//! The node's pod sandboxes, from the container runtime over CRI (`runtime.v1`): no Kubernetes
+//! API needed, because the runtime already knows every sandbox, the annotations the plugin
+//! saw (CRI passes them through unaltered) and its network namespace.
+//!
+//! `ListPodSandbox` (READY only) gives ids, metadata and annotations; `PodSandboxStatus` with
+//! `verbose` gives the addresses and, in its `info` JSON, the netns path: containerd 1.6/1.7
+//! `runtimeSpec.linux.namespaces[type=network].path`, containerd 2.x also
+//! `sandboxMetadata.NetNSPath`, CRI-O `runtimeSpec` too. Host-network sandboxes are left out
+//! (CNI never ran for them). Every call is bounded in time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_proto::cri::runtime_service_client::RuntimeServiceClient;
+use sluice_proto::cri::{
+    ListPodSandboxRequest, NamespaceMode, PodSandboxFilter, PodSandboxState, PodSandboxStateValue,
+    PodSandboxStatusRequest,
+};
+use sluice_proto::v1::PodRef;
+use tonic::transport::{Channel, Endpoint};
+
+/// containerd's CRI socket, the default; CRI-O's is `/var/run/crio/crio.sock`.
+pub const DEFAULT_CRI_SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// The longest one CRI call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("connecting to the CRI socket {socket}: {message}")]
+    Connect { socket: String, message: String },
+    #[error("CRI {call}: {message}")]
+    Call { call: &'static str, message: String },
+    #[error("CRI {call}: no answer within {timeout:?}")]
+    Timeout {
+        call: &'static str,
+        timeout: Duration,
+    },
+}
+
+/// One READY pod sandbox with its own network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    pub id: String,
+    pub pod: PodRef,
+    pub annotations: BTreeMap<String, String>,
+    /// The netns path; `None` when the runtime does not say (the sandbox is then skipped).
+    pub netns: Option<String>,
+    /// The pod's addresses.
+    pub ips: Vec<String>,
+}
+
+/// A CRI runtime service client, connected on first use and again after a failure.
+#[derive(Debug)]
+pub struct Cri {
+    socket: PathBuf,
+    client: Option<RuntimeServiceClient<Channel>>,
+}
+
+async fn bounded<T>(
+    call: &'static str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CriError> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(CriError::Call {
+            call,
+            message: s.message().to_owned(),
+        }),
+        Err(_) => Err(CriError::Timeout {
+            call,
+            timeout: CALL_TIMEOUT,
+        }),
+    }
+}
+
+impl Cri {
+    pub fn new(socket: &Path) -> Self {
+        Cri {
+            socket: socket.to_owned(),
+            client: None,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn client(&mut self) -> Result<RuntimeServiceClient<Channel>, CriError> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let socket = self.socket.display().to_string();
+        let connect_err = |message: String| CriError::Connect {
+            socket: socket.clone(),
+            message,
+        };
+        let channel = Endpoint::try_from(format!("unix://{socket}"))
+            .map_err(|e| connect_err(e.to_string()))?
+            .connect_timeout(CALL_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| {
+                connect_err(std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()))
+            })?;
+        let client = RuntimeServiceClient::new(channel);
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Every READY sandbox with its own network namespace.
+    pub async fn ready_sandboxes(&mut self) -> Result<Vec<Sandbox>, CriError> {
+        let result = self.list().await;
+        if result.is_err() {
+            // Reconnect next time (the runtime may have restarted).
+            self.client = None;
+        }
+        result
+    }
+
+    async fn list(&mut self) -> Result<Vec<Sandbox>, CriError> {
+        let mut client = self.client().await?;
+        let items = bounded(
+            "ListPodSandbox",
+            client.list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    state: Some(PodSandboxStateValue {
+                        state: PodSandboxState::SandboxReady as i32,
+                    }),
+                    ..Default::default()
+                }),
+            }),
+        )
+        .await?
+        .items;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let status = match bounded(
+                "PodSandboxStatus",
+                client.pod_sandbox_status(PodSandboxStatusRequest {
+                    pod_sandbox_id: item.id.clone(),
+                    verbose: true,
+                }),
+            )
+            .await
+            {
+                Ok(s) => s,
+                // Gone between the two calls: not READY any more.
+                Err(CriError::Call { message, .. }) if message.contains("not found") => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(st) = status.status else { continue };
+            if st.state != PodSandboxState::SandboxReady as i32 {
+                continue;
+            }
+            let host_network = st
+                .linux
+                .as_ref()
+                .and_then(|l| l.namespaces.as_ref())
+                .and_then(|n| n.options.as_ref())
+                .is_some_and(|o| o.network == NamespaceMode::Node as i32);
+            if host_network {
+                continue;
+            }
+            let meta = st.metadata.unwrap_or_default();
+            let mut ips = Vec::new();
+            if let Some(net) = st.network {
+                ips.extend(Some(net.ip).filter(|ip| !ip.is_empty()));
+                ips.extend(net.additional_ips.into_iter().map(|p| p.ip));
+            }
+            out.push(Sandbox {
+                id: item.id,
+                pod: PodRef {
+                    namespace: meta.namespace,
+                    name: meta.name,
+                    uid: meta.uid,
+                },
+                annotations: st.annotations.into_iter().collect(),
+                netns: netns_from_info(&status.info),
+                ips,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The network namespace path in a verbose `PodSandboxStatus`'s `info` (see the module docs).
+pub fn netns_from_info(info: &std::collections::HashMap<String, String>) -> Option<String> {
+    let json: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    let from_spec = json["runtimeSpec"]["linux"]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str());
+    from_spec
+        .or_else(|| json["sandboxMetadata"]["NetNSPath"].as_str())
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(json: &str) -> std::collections::HashMap<String, String> {
+        [("info".to_owned(), json.to_owned())].into()
+    }
+
+    #[test]
+    fn the_netns_path_is_found_in_every_runtimes_info_shape() {
+        // containerd 1.6/1.7 and CRI-O: the OCI runtime spec.
+        let spec = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]}}}"#;
+        assert_eq!(
+            netns_from_info(&info(spec)).as_deref(),
+            Some("/var/run/netns/cni-1")
+        );
+        // containerd 2.x (sandboxer): sandbox metadata.
+        let meta = r#"{"sandboxMetadata":{"NetNSPath":"/var/run/netns/cni-2"}}"#;
+        assert_eq!(
+            netns_from_info(&info(meta)).as_deref(),
+            Some("/var/run/netns/cni-2")
+        );
+        // A network namespace entry without a path (host network) or no info at all: none.
+        let host = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"network"}]}}}"#;
+        assert_eq!(netns_from_info(&info(host)), None);
+        assert_eq!(netns_from_info(&info("not json")), None);
+        assert_eq!(netns_from_info(&Default::default()), None);
+    }
+}
