@@ -190,6 +190,67 @@ pub fn detach_for(ifname: &str, current: Option<&Ruleset>) -> Result<Detached, P
     })
 }
 
+/// What [`reconcile`] found, and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// The live table's owner, if there is a table of ours.
+    pub live: Option<crate::ruleset::Owner>,
+    /// The interfaces counted on the desired owner (the live table's, else the given ones).
+    pub ifnames: Vec<String>,
+    /// One line per difference between the namespace and the plan; empty when equal.
+    pub drift: Vec<String>,
+    /// Whether the table was missing (as opposed to present and different).
+    pub missing: bool,
+    /// `Some` when a repair ran: its result.
+    pub repaired: Option<Result<Timings, String>>,
+}
+
+/// How [`reconcile`] acts on a difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// Report only (Check; the reconciler in report mode).
+    Diff,
+    /// Repair through [`attach`] when there is a difference (the reconciler).
+    Repair,
+}
+
+/// The one comparison of a pod's namespace with its plan, shared by Check and the reconciler:
+/// the table (ownership and rules; see `nft::diff`), then the device state and sysctls (see
+/// `device::inspect`). The interfaces attached are the kernel's record, not part of the plan:
+/// the desired owner takes the live table's (or `ifnames` when there is no table). With
+/// [`Act::Repair`] and a difference, [`attach`] runs with `desired` stamped `at` — a missing
+/// capture is programmed as for a fresh pod, an existing table is repaired in place (its
+/// owner says the same plan) or replaced (another plan), never removed on failure.
+pub fn reconcile(
+    desired: &Ruleset,
+    plan: &RedirectPlan,
+    ifnames: &[String],
+    act: Act,
+    at: u64,
+) -> Result<Reconciled, ProgramError> {
+    let (live, device_drift) = inspect(Some(&DeviceSetup::from_plan(plan)))?;
+    let live_owner = live.as_ref().and_then(|l| l.owner());
+    let mut rs = desired.clone();
+    rs.owner.ifnames = live_owner
+        .as_ref()
+        .map(|o| o.ifnames.clone())
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| ifnames.to_vec());
+    let mut drift = nft::diff(&nft::expected(&rs), live.as_ref());
+    drift.extend(device_drift);
+    let repaired = (act == Act::Repair && !drift.is_empty()).then(|| {
+        rs.owner.attached_at = at;
+        attach(&rs, plan, None).map_err(|e| e.to_string())
+    });
+    Ok(Reconciled {
+        live: live_owner,
+        ifnames: rs.owner.ifnames,
+        missing: live.is_none(),
+        drift,
+        repaired,
+    })
+}
+
 /// Reads our table back, and compares the device state with `device` when the pod should be
 /// captured (see [`device::inspect`]).
 pub fn inspect(

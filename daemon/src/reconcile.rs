@@ -101,6 +101,7 @@ pub async fn pass(
             return;
         }
     };
+    service.set_sandboxes(&sandboxes);
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut uncaptured = 0i64;
     for sb in &sandboxes {
@@ -185,67 +186,38 @@ pub async fn reconcile_sandbox(service: &Arc<AgentService>, sb: &Sandbox, repair
         // Inspect, compare and (in apply mode) repair in one visit to the namespace.
         let visit = ns
             .run(move || -> Result<Visit, program::ProgramError> {
-                let device = crate::device::DeviceSetup::from_plan(&plan2);
-                let (live, device_drift) = program::inspect(Some(&device))?;
-                let live_owner = live.as_ref().and_then(|l| l.owner());
-                let mut ifnames: Vec<String> = live_owner
-                    .as_ref()
-                    .map(|o| o.ifnames.clone())
-                    .unwrap_or_default();
-                if ifnames.is_empty() {
-                    ifnames = if known_ifnames.is_empty() {
-                        vec!["eth0".to_owned()]
-                    } else {
-                        known_ifnames
-                    };
-                }
-                let mut owner = Owner::new(&fingerprint, &uid, &id);
-                owner.ifnames = ifnames.clone();
-                let rs = Ruleset::from_plan(&plan2, owner.clone());
-                let mut drift = crate::nft::diff(&crate::nft::expected(&rs), live.as_ref());
-                drift.extend(device_drift);
-                let reason = if live.is_none() { "missing" } else { "drift" };
-                let rule_count = rs.rule_count() as u32;
-                if drift.is_empty() {
-                    let at = live_owner.as_ref().map_or(0, |o| o.attached_at);
-                    return Ok(Visit {
-                        found: Found::Ok,
-                        at,
-                        ifnames,
-                        drift,
-                        rule_count,
-                    });
-                }
-                if repair == Repair::Report {
-                    return Ok(Visit {
-                        found: Found::Uncaptured { reason },
-                        at: 0,
-                        ifnames,
-                        drift,
-                        rule_count,
-                    });
-                }
+                let default_ifnames = if known_ifnames.is_empty() {
+                    vec!["eth0".to_owned()]
+                } else {
+                    known_ifnames
+                };
+                let rs = Ruleset::from_plan(&plan2, Owner::new(&fingerprint, &uid, &id));
+                let act = match repair {
+                    Repair::Apply => program::Act::Repair,
+                    Repair::Report => program::Act::Diff,
+                };
                 let now = crate::service::unix_now();
-                let rs = Ruleset::from_plan(&plan2, owner.at(now));
-                match program::attach(&rs, &plan2, None) {
-                    Ok(_) => Ok(Visit {
-                        found: Found::Repaired { reason },
-                        at: now,
-                        ifnames,
-                        drift,
-                        rule_count,
-                    }),
-                    Err(e) => {
-                        tracing::error!(error = %e, reason, "repairing the capture failed");
-                        Ok(Visit {
-                            found: Found::Uncaptured { reason },
-                            at: 0,
-                            ifnames,
-                            drift,
-                            rule_count,
-                        })
+                let r = program::reconcile(&rs, &plan2, &default_ifnames, act, now)?;
+                let reason = if r.missing { "missing" } else { "drift" };
+                let rule_count = rs.rule_count() as u32;
+                let (found, at) = match r.repaired {
+                    None if r.drift.is_empty() => {
+                        (Found::Ok, r.live.as_ref().map_or(0, |o| o.attached_at))
                     }
-                }
+                    None => (Found::Uncaptured { reason }, 0),
+                    Some(Ok(_)) => (Found::Repaired { reason }, now),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, reason, "repairing the capture failed");
+                        (Found::Uncaptured { reason }, 0)
+                    }
+                };
+                Ok(Visit {
+                    found,
+                    at,
+                    ifnames: r.ifnames,
+                    drift: r.drift,
+                    rule_count,
+                })
             })
             .await;
         let visit = match visit {

@@ -36,6 +36,9 @@ pub struct AgentService {
     work: crate::work::Work,
     /// How sandbox discovery is doing (see `reconcile`), for Status.
     discovery: std::sync::Mutex<String>,
+    /// The runtime's READY sandboxes as of the last discovery pass, by id (Check of a pod
+    /// that was never captured).
+    sandboxes: std::sync::Mutex<std::collections::HashMap<String, crate::discovery::Sandbox>>,
 }
 
 /// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
@@ -56,6 +59,7 @@ impl AgentService {
             metrics,
             install,
             work: crate::work::Work::default(),
+            sandboxes: std::sync::Mutex::default(),
             discovery: std::sync::Mutex::new(
                 "off: no CRI socket configured; the agent works from the plugin's calls alone"
                     .to_owned(),
@@ -85,6 +89,20 @@ impl AgentService {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Keeps the runtime's READY sandboxes of the last pass.
+    pub fn set_sandboxes(&self, list: &[crate::discovery::Sandbox]) {
+        *self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()) =
+            list.iter().map(|s| (s.id.clone(), s.clone())).collect();
+    }
+
+    fn sandbox(&self, id: &str) -> Option<crate::discovery::Sandbox> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Sets the attached-pods gauge from the records.
@@ -597,7 +615,22 @@ impl AgentService {
     ) -> Result<Response<CheckResponse>, Status> {
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
-        let record = self.registry.get(&req.container_id);
+        // What the agent knows of the container: its attachment, or else the runtime's
+        // sandbox as of the last discovery pass (a pod that was never captured).
+        let record = self.registry.get(&req.container_id).or_else(|| {
+            self.sandbox(&req.container_id).and_then(|sb| {
+                Some(Record {
+                    attachment: Attachment {
+                        container_id: sb.id,
+                        netns: sb.netns?,
+                        pod: Some(sb.pod),
+                        ..Default::default()
+                    },
+                    annotations: sb.annotations,
+                    pod_ips: sb.ips,
+                })
+            })
+        });
         let netns = if req.netns.is_empty() {
             record
                 .as_ref()
@@ -637,48 +670,44 @@ impl AgentService {
         let ips = pod_ips(&ips)?;
         let decision = plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)?;
         let ns = self.open(&netns)?;
-        let device = match &decision {
-            Decision::Capture { plan, .. } => Some(crate::device::DeviceSetup::from_plan(plan)),
-            Decision::Skip { .. } => None,
-        };
-        let (live, device_drift) = self
+        let id = req.container_id.clone();
+        let (expected_fingerprint, live_fingerprint, drift) = self
             .work
             .run_within(&req.container_id, limit, async move {
-                ns.run(move || program::inspect(device.as_ref()))
-                    .await
-                    .map_err(netns_status)
+                ns.run(move || -> Result<_, program::ProgramError> {
+                    match decision {
+                        Decision::Skip { .. } => {
+                            let (live, _) = program::inspect(None)?;
+                            let live_fp = live
+                                .as_ref()
+                                .and_then(|l| l.owner())
+                                .map(|o| o.fingerprint)
+                                .unwrap_or_default();
+                            let drift = live
+                                .map(|_| {
+                                    vec![
+                                        "a sluice table exists for a pod that is not captured"
+                                            .to_owned(),
+                                    ]
+                                })
+                                .unwrap_or_default();
+                            Ok((String::new(), live_fp, drift))
+                        }
+                        Decision::Capture { plan, .. } => {
+                            let fp = plan.fingerprint();
+                            let rs = Ruleset::from_plan(&plan, Owner::new(&fp, &pod.uid, &id));
+                            let r = program::reconcile(&rs, &plan, &[], program::Act::Diff, 0)?;
+                            let live_fp = r.live.map(|o| o.fingerprint).unwrap_or_default();
+                            Ok((fp, live_fp, r.drift))
+                        }
+                    }
+                })
+                .await
+                .map_err(netns_status)
             })
             .await
             .map_err(work_status)??
             .map_err(|e| program_status(&e, format!("reading the capture in {netns}: {e}")))?;
-        let live_fingerprint = live
-            .as_ref()
-            .and_then(|l| l.owner())
-            .map(|o| o.fingerprint)
-            .unwrap_or_default();
-        let (expected_fingerprint, drift) = match decision {
-            Decision::Skip { .. } => (
-                String::new(),
-                live.map(|_| {
-                    vec!["a sluice table exists for a pod that is not captured".to_owned()]
-                })
-                .unwrap_or_default(),
-            ),
-            Decision::Capture { plan, .. } => {
-                let fp = plan.fingerprint();
-                // The interfaces attached are the kernel's record, not part of the plan.
-                let mut owner = Owner::new(&fp, &pod.uid, &req.container_id);
-                owner.ifnames = live
-                    .as_ref()
-                    .and_then(|l| l.owner())
-                    .map(|o| o.ifnames)
-                    .unwrap_or_default();
-                let rs = Ruleset::from_plan(&plan, owner);
-                let mut drift = nft::diff(&nft::expected(&rs), live.as_ref());
-                drift.extend(device_drift);
-                (fp, drift)
-            }
-        };
         if !drift.is_empty() {
             tracing::warn!(container = %req.container_id, %netns, ?drift, "drift detected");
         }

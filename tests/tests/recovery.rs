@@ -107,10 +107,12 @@ fn pods_started_before_sluice_was_chained_are_captured_and_others_left_alone() {
         ns(&off).sluice_table().is_none(),
         "nor one that says disabled"
     );
-    for id in [&web, &tp] {
+    // Check works for any pod the runtime knows, captured or not.
+    for id in [&web, &tp, &plain, &off] {
         let check = agent.ctl(&["check", id]);
         assert!(check.status.success(), "{check:?}");
     }
+    assert!(!agent.ctl(&["check", "not-a-sandbox"]).status.success());
     // The capture works: the app container's connection lands on the proxy.
     let web_ns = ns(&web);
     let _proxy = Listener::start(&web_ns, "0.0.0.0:15001", "proxy");
