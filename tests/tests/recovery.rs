@@ -139,6 +139,15 @@ fn pods_started_before_sluice_was_chained_are_captured_and_others_left_alone() {
             && !listed.contains(&off),
         "{listed:?}"
     );
+    let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
+    assert!(status.contains("discovery: cri "), "{status}");
+    // A sandbox that goes away (here without a DEL reaching the agent: sluice is not chained)
+    // is forgotten once passes stop listing it (after the second that does not).
+    containerd.stop_and_remove(&tp).expect("remove tp");
+    wait_for("tp forgotten", scaled(Duration::from_secs(30)), || {
+        !list(&agent).iter().any(|a| a.container_id == tp)
+    });
+    assert!(list(&agent).iter().any(|a| a.container_id == web));
     eprintln!(
         "recovery: pods started before sluice was chained captured {took:?} after the agent started"
     );
@@ -161,6 +170,11 @@ fn restart_loses_nothing_and_damage_is_repaired_or_reported() {
     let ns = |id: &str| Netns::existing(&containerd.netns_of(id));
     let before = list(&agent);
     assert_eq!(before.len(), 2, "{before:?}");
+    let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("discovery: off"),
+        "without a CRI socket, status says so: {status}"
+    );
     drop(agent);
 
     // 1. Restart (now with discovery): the records are rebuilt, identical.
