@@ -10,7 +10,7 @@ IMAGE_TAR := target/image/sluice-agent-$(VERSION).tar
 # The kernel matrix boots Debian's kernel packages under QEMU (virtme-ng comes from PyPI).
 KERNEL_DEBS := qemu-system-x86 kmod python3-venv
 
-.PHONY: deps build demo test test-kernels corpus lint bench bench-quick image clean
+.PHONY: deps build plugin-static demo test test-kernels corpus lint bench bench-quick image clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,12 +22,20 @@ deps:
 build: deps
 	$(CARGO) build --workspace --bins
 
+## sluice-cni as a static executable (glibc's crt-static; an explicit --target keeps the flag off
+## build scripts and proc-macros): it runs on any x86_64 Linux host, whatever its libc.
+STATIC_TARGET := x86_64-unknown-linux-gnu
+STATIC_PLUGIN := target/$(STATIC_TARGET)/release/sluice-cni
+plugin-static: deps
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release -p sluice-cni --target $(STATIC_TARGET)
+
 ## The main job on this machine: agent + real sluice-cni ADD in a real netns, proven by packets.
 demo: build
 	$(CARGO) run -q -p sluice-tests --bin sluice-demo
 
 ## Unit + integration tests (real kernel, real netns; needs root).
-test: build
+test: build plugin-static
 	$(CARGO) test --workspace --no-fail-fast
 
 ## The kernel-facing suites on Debian's own kernels (6.1, 6.12) in VMs, and on this host's.
@@ -59,9 +67,9 @@ bench-quick: deps
 	./target/release/sluice-bench --quick --out results/quick
 
 ## OCI image of the agent + plugin (umoci, no container engine): $(IMAGE_TAR), named $(IMAGE).
-image: deps
+image: deps plugin-static
 	$(CARGO) build --release --workspace --bins
-	bash daemon/image/build.sh target/release $(IMAGE_TAR) $(VERSION)
+	bash daemon/image/build.sh target/release $(IMAGE_TAR) $(VERSION) $(STATIC_PLUGIN)
 	@echo "$(IMAGE): import with 'ctr -n k8s.io images import --base-name localhost/sluice-agent $(IMAGE_TAR)', or push it with skopeo/crane"
 
 clean:

@@ -4,18 +4,24 @@
 # with umoci into an OCI layout and tarred. `ctr images import --base-name localhost/sluice-agent`
 # (or skopeo/crane to push) turns it into the image the DaemonSet names.
 #
-# usage: build.sh BIN_DIR OUT_TAR TAG
+# usage: build.sh BIN_DIR OUT_TAR TAG [PLUGIN]
+#   PLUGIN: the sluice-cni to ship instead of BIN_DIR's (`make image` passes the static one,
+#   which the agent copies onto nodes whatever their libc).
 set -euo pipefail
-bin_dir=$1 out=$2 tag=$3
+bin_dir=$1 out=$2 tag=$3 plugin=${4:-$1/sluice-cni}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 rootfs=$work/rootfs
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/run/sluice" "$rootfs/tmp" "$rootfs/etc"
-for b in sluice-agent sluice-cni sluicectl; do
+for b in sluice-agent sluicectl; do
   install -m 0755 "$bin_dir/$b" "$rootfs/usr/local/bin/$b"
 done
+install -m 0755 "$plugin" "$rootfs/usr/local/bin/sluice-cni"
+dynamic=("$bin_dir"/sluice-agent "$bin_dir"/sluicectl)
+# A static plugin loads nothing (ldd would refuse it).
+if ldd "$plugin" >/dev/null 2>&1; then dynamic+=("$plugin"); fi
 # Every library the binaries load, at the path the loader looks for it.
-for lib in $(ldd "$bin_dir"/sluice-agent "$bin_dir"/sluice-cni "$bin_dir"/sluicectl \
+for lib in $(ldd "${dynamic[@]}" \
     | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u); do
   real=$(readlink -f "$lib")
   mkdir -p "$rootfs$(dirname "$lib")"
