@@ -19,6 +19,8 @@ pub enum ProgramError {
     Teardown(#[source] DeviceError),
     #[error("reading device state: {0}")]
     Inspect(#[source] DeviceError),
+    #[error("{0} (repair in place: nothing removed)")]
+    Repair(#[source] DeviceError),
 }
 
 impl ProgramError {
@@ -30,6 +32,7 @@ impl ProgramError {
                 | ProgramError::Device(DeviceError::Timeout { .. })
                 | ProgramError::Teardown(DeviceError::Timeout { .. })
                 | ProgramError::Inspect(DeviceError::Timeout { .. })
+                | ProgramError::Repair(DeviceError::Timeout { .. })
         )
     }
 }
@@ -107,6 +110,25 @@ pub fn attach(
     }
     Ok(Timings {
         replaced: applied != nft::Applied::Created,
+        nft_us: (nft_done - start).as_micros() as u64,
+        device_us: nft_done.elapsed().as_micros() as u64,
+    })
+}
+
+/// Repairs a capture that is there but differs from `rs`: the table is replaced in one
+/// transaction (an atomic swap: the pod is never without a table), then the device state is
+/// made equal to the plan in place — what is missing added, what is ours and not in the plan
+/// removed — and the sysctls written. Nothing is torn down first and nothing is removed when a
+/// step fails, so working capture is never lost to a failed repair (the next pass retries).
+pub fn repair(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
+    let start = Instant::now();
+    nft::apply(rs)?;
+    let nft_done = Instant::now();
+    let setup = DeviceSetup::from_plan(plan);
+    device::setup(&setup, device::Setup::Repair).map_err(ProgramError::Repair)?;
+    device::write_sysctls(&setup.sysctls).map_err(ProgramError::Repair)?;
+    Ok(Timings {
+        replaced: true,
         nft_us: (nft_done - start).as_micros() as u64,
         device_us: nft_done.elapsed().as_micros() as u64,
     })
@@ -218,9 +240,9 @@ pub enum Act {
 /// the table (ownership and rules; see `nft::diff`), then the device state and sysctls (see
 /// `device::inspect`). The interfaces attached are the kernel's record, not part of the plan:
 /// the desired owner takes the live table's (or `ifnames` when there is no table). With
-/// [`Act::Repair`] and a difference, [`attach`] runs with `desired` stamped `at` — a missing
-/// capture is programmed as for a fresh pod, an existing table is repaired in place (its
-/// owner says the same plan) or replaced (another plan), never removed on failure.
+/// [`Act::Repair`] and a difference, `desired` stamped `at` is applied: a missing capture
+/// through [`attach`] as for a fresh pod (on failure the pod is left as it was, uncaptured), an
+/// existing one through [`repair`] (never removed on failure).
 pub fn reconcile(
     desired: &Ruleset,
     plan: &RedirectPlan,
@@ -240,7 +262,12 @@ pub fn reconcile(
     drift.extend(device_drift);
     let repaired = (act == Act::Repair && !drift.is_empty()).then(|| {
         rs.owner.attached_at = at;
-        attach(&rs, plan, None).map_err(|e| e.to_string())
+        if live.is_some() {
+            repair(&rs, plan)
+        } else {
+            attach(&rs, plan, None)
+        }
+        .map_err(|e| e.to_string())
     });
     Ok(Reconciled {
         live: live_owner,

@@ -104,8 +104,19 @@ pub async fn pass(
     service.set_sandboxes(&sandboxes);
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut uncaptured = 0i64;
+    // The interfaces recorded per container, read once per pass.
+    let mut recorded_ifnames: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for a in service.registry().list() {
+        if !a.ifname.is_empty() {
+            recorded_ifnames
+                .entry(a.container_id)
+                .or_default()
+                .push(a.ifname);
+        }
+    }
     for sb in &sandboxes {
-        let found = reconcile_sandbox(service, sb, repair).await;
+        let known = recorded_ifnames.remove(&sb.id).unwrap_or_default();
+        let found = reconcile_sandbox(service, sb, repair, known).await;
         let key = match &found {
             Found::NotOurs => "not_ours",
             Found::Ok => "ok",
@@ -145,7 +156,12 @@ pub async fn pass(
 }
 
 /// Reconciles one sandbox; see the module docs.
-pub async fn reconcile_sandbox(service: &Arc<AgentService>, sb: &Sandbox, repair: Repair) -> Found {
+pub async fn reconcile_sandbox(
+    service: &Arc<AgentService>,
+    sb: &Sandbox,
+    repair: Repair,
+    known_ifnames: Vec<String>,
+) -> Found {
     let Some(netns) = sb.netns.clone() else {
         return Found::NotOurs;
     };
@@ -171,13 +187,6 @@ pub async fn reconcile_sandbox(service: &Arc<AgentService>, sb: &Sandbox, repair
     };
     let fingerprint = plan.fingerprint();
     let fingerprint_out = fingerprint.clone();
-    let known_ifnames: Vec<String> = service
-        .registry()
-        .list()
-        .into_iter()
-        .filter(|a| a.container_id == sb.id && !a.ifname.is_empty())
-        .map(|a| a.ifname)
-        .collect();
     let (svc, sb2, plan2) = (service.clone(), sb.clone(), plan.clone());
     let id = sb.id.clone();
     let uid = sb.pod.uid.clone();

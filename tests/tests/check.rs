@@ -160,3 +160,70 @@ fn check_sees_every_kind_of_damage_and_never_false_drift() {
     ));
     eprintln!("check: {} kinds of damage seen and repaired", seen.len());
 }
+
+/// A repair of a capture that is there never removes it, even when the pod's table was written
+/// under another fingerprint (an earlier release) and a repair step fails: the table stays,
+/// what could be added is added, and the failure is reported for the next pass to retry.
+#[test]
+fn a_failed_repair_of_an_existing_capture_removes_nothing() {
+    use sluice::plan::{Decision, PlanDefaults, decide};
+    use sluice::program::{Act, reconcile};
+    use sluice::ruleset::{Owner, Ruleset};
+
+    require_root();
+    let agent = Agent::start("check-repair");
+    let topo = Topology::new("chkrep");
+    let ann = [
+        ("sluice.dev/redirect", "enabled"),
+        ("sluice.dev/mode", "tproxy"),
+        ("sluice.dev/sysctls", "net.ipv4.conf.eth0.route_localnet=1"),
+    ];
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &ann,
+        Some(&prev_result("1.0.0")),
+    );
+    assert_eq!(cni("ADD", "chkrep", &topo.pod.path(), &stdin).exit, 0);
+    // As an earlier release would have labelled it: another fingerprint, same rules.
+    let table = topo.pod.sluice_table().expect("captured");
+    let old = table.replacen(" fp=", " fp=0ld", 1);
+    let reload = topo.pod.exec(&[
+        "sh",
+        "-c",
+        &format!("nft delete table inet sluice && nft -f - <<'EOF'\n{old}EOF"),
+    ]);
+    assert!(reload.status.success(), "{reload:?}");
+    // Damage, and a repair that cannot complete: the sysctl's interface is gone.
+    topo.pod.ip(&["rule", "del", "fwmark", "1337", "lookup", "133"]);
+    topo.pod.ip(&["link", "del", "eth0"]);
+
+    let annotations = ann
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let ips = ["10.99.0.2".parse().expect("ip")];
+    let Ok(Decision::Capture { plan, .. }) = decide(&annotations, &ips, &PlanDefaults::default())
+    else {
+        panic!("a capture plan");
+    };
+    let rs = Ruleset::from_plan(&plan, Owner::new(&plan.fingerprint(), "uid-chkrep", "chkrep"));
+    let result = topo
+        .pod
+        .run(move || reconcile(&rs, &plan, &[], Act::Repair, 1).map_err(|e| e.to_string()))
+        .expect("reconcile ran");
+    assert!(!result.drift.is_empty());
+    let repaired = result.repaired.expect("a repair was tried");
+    assert!(
+        repaired.as_ref().is_err_and(|e| e.contains("route_localnet")),
+        "{repaired:?}"
+    );
+    assert!(
+        topo.pod.sluice_table().is_some(),
+        "the failed repair left the table in place"
+    );
+    assert!(
+        topo.pod.ip(&["rule", "show"]).contains("fwmark 0x539 lookup 133"),
+        "and added what it could"
+    );
+}
