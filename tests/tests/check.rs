@@ -195,7 +195,8 @@ fn a_failed_repair_of_an_existing_capture_removes_nothing() {
     ]);
     assert!(reload.status.success(), "{reload:?}");
     // Damage, and a repair that cannot complete: the sysctl's interface is gone.
-    topo.pod.ip(&["rule", "del", "fwmark", "1337", "lookup", "133"]);
+    topo.pod
+        .ip(&["rule", "del", "fwmark", "1337", "lookup", "133"]);
     topo.pod.ip(&["link", "del", "eth0"]);
 
     let annotations = ann
@@ -207,7 +208,10 @@ fn a_failed_repair_of_an_existing_capture_removes_nothing() {
     else {
         panic!("a capture plan");
     };
-    let rs = Ruleset::from_plan(&plan, Owner::new(&plan.fingerprint(), "uid-chkrep", "chkrep"));
+    let rs = Ruleset::from_plan(
+        &plan,
+        Owner::new(&plan.fingerprint(), "uid-chkrep", "chkrep"),
+    );
     let result = topo
         .pod
         .run(move || reconcile(&rs, &plan, &[], Act::Repair, 1).map_err(|e| e.to_string()))
@@ -215,7 +219,9 @@ fn a_failed_repair_of_an_existing_capture_removes_nothing() {
     assert!(!result.drift.is_empty());
     let repaired = result.repaired.expect("a repair was tried");
     assert!(
-        repaired.as_ref().is_err_and(|e| e.contains("route_localnet")),
+        repaired
+            .as_ref()
+            .is_err_and(|e| e.contains("route_localnet")),
         "{repaired:?}"
     );
     assert!(
@@ -223,7 +229,9 @@ fn a_failed_repair_of_an_existing_capture_removes_nothing() {
         "the failed repair left the table in place"
     );
     assert!(
-        topo.pod.ip(&["rule", "show"]).contains("fwmark 0x539 lookup 133"),
+        topo.pod
+            .ip(&["rule", "show"])
+            .contains("fwmark 0x539 lookup 133"),
         "and added what it could"
     );
 }
