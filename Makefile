@@ -34,7 +34,8 @@ plugin-static: deps
 demo: build
 	$(CARGO) run -q -p sluice-tests --bin sluice-demo
 
-## Unit + integration tests (real kernel, real netns; needs root).
+## Unit + integration tests (real kernel, real netns, real containerd; needs root). The
+## DaemonSet test (tests/tests/daemonset.rs) runs `make image` itself.
 test: build plugin-static
 	$(CARGO) test --workspace --no-fail-fast
 
@@ -68,7 +69,7 @@ bench-quick: deps
 
 ## OCI image of the agent + plugin (umoci, no container engine): $(IMAGE_TAR), named $(IMAGE).
 image: deps plugin-static
-	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --release -p sluice-daemon --bins
 	bash daemon/image/build.sh target/release $(IMAGE_TAR) $(VERSION) $(STATIC_PLUGIN)
 	@echo "$(IMAGE): import with 'ctr -n k8s.io images import --base-name localhost/sluice-agent $(IMAGE_TAR)', or push it with skopeo/crane"
 

@@ -41,6 +41,11 @@ pub struct AgentConfig {
     pub cri_socket: Option<PathBuf>,
     pub repair: crate::reconcile::Repair,
     pub reconcile_interval: std::time::Duration,
+    /// Where `net.*` sysctls are written: `<dir>/net/...`. A container's own `/proc/sys` is
+    /// read-only (the runtime's default), so the DaemonSet mounts the host's `/proc/sys/net`
+    /// elsewhere and names it here; the files resolve against the writing thread's netns,
+    /// whichever procfs mount they are reached through.
+    pub sysctl_dir: PathBuf,
 }
 
 /// The long-running agent's node install.
@@ -66,6 +71,7 @@ impl Default for AgentConfig {
             cri_socket: Some(crate::discovery::DEFAULT_CRI_SOCKET.into()),
             repair: crate::reconcile::Repair::default(),
             reconcile_interval: crate::reconcile::DEFAULT_INTERVAL,
+            sysctl_dir: crate::device::DEFAULT_SYSCTL_DIR.into(),
         }
     }
 }
@@ -80,8 +86,10 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// Prometheus endpoint address, or "off".
     pub metrics_addr: Option<String>,
-    /// gRPC health on TCP (kubelet probes), e.g. "0.0.0.0:9966".
-    pub health_addr: Option<std::net::SocketAddr>,
+    /// gRPC health on TCP (kubelet probes), e.g. "10.0.0.5:9966".
+    pub health_addr: Option<String>,
+    /// Where `net.*` sysctls are written (default /proc/sys).
+    pub sysctl_dir: Option<PathBuf>,
     pub outbound_port: Option<u16>,
     pub inbound_port: Option<u16>,
     pub proxy_uid: Option<u32>,
@@ -129,11 +137,19 @@ impl FileConfig {
         })?;
         if let Some(a) = file.metrics_addr.as_deref()
             && a != "off"
-            && a.parse::<std::net::SocketAddr>().is_err()
+            && let Err(e) = listen_addr(a)
         {
             return Err(ConfigError::Invalid {
                 path: path.into(),
-                message: format!("metrics-addr {a:?} is not host:port or \"off\""),
+                message: format!("metrics-addr: {e} (or \"off\")"),
+            });
+        }
+        if let Some(a) = file.health_addr.as_deref()
+            && let Err(e) = listen_addr(a)
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: format!("health-addr: {e}"),
             });
         }
         if file.tproxy_mark.is_some_and(|m| m == 0 || m == u32::MAX) {
@@ -186,10 +202,13 @@ impl FileConfig {
             cfg.log_format = v;
         }
         if let Some(v) = self.metrics_addr {
-            cfg.metrics_addr = v.parse().ok();
+            cfg.metrics_addr = listen_addr(&v).ok();
         }
         if let Some(v) = self.health_addr {
-            cfg.health_addr = Some(v);
+            cfg.health_addr = listen_addr(&v).ok();
+        }
+        if let Some(v) = self.sysctl_dir {
+            cfg.sysctl_dir = v;
         }
         if let Some(v) = self.cri_socket {
             cfg.cri_socket = cri_socket(&v);
@@ -215,6 +234,22 @@ impl FileConfig {
             p.linkerd = v.iter().any(|s| s == "linkerd");
         }
     }
+}
+
+/// A TCP listen address: `ip:port`, `[ipv6]:port`, or an unbracketed IPv6 address followed by
+/// `:port` — what `$(NODE_IP):9965` becomes in a DaemonSet's args on an IPv6 node.
+pub fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| {
+            Some(std::net::SocketAddr::new(
+                ip.parse().ok()?,
+                port.parse().ok()?,
+            ))
+        })
+        .ok_or_else(|| format!("{s:?} is not an address and port (ip:port)"))
 }
 
 /// A `cri-socket` value: a path, or `off` (or empty) for no discovery.
@@ -247,5 +282,23 @@ mod tests {
         assert_eq!(cfg.plan.proxy_uid, 2102);
         assert_eq!(cfg.plan.outbound_port, 15001);
         assert!(toml::from_str::<FileConfig>("sockett = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_take_the_forms_a_daemonset_produces() {
+        for (text, want) in [
+            ("10.0.0.5:9965", "10.0.0.5:9965"),
+            ("[fd00::5]:9965", "[fd00::5]:9965"),
+            ("fd00::5:9965", "[fd00::5]:9965"),
+            ("0.0.0.0:0", "0.0.0.0:0"),
+        ] {
+            assert_eq!(
+                listen_addr(text).map(|a| a.to_string()),
+                Ok(want.to_owned())
+            );
+        }
+        for bad in ["", "9965", "$(NODE_IP):9965", "node:9965", "10.0.0.5:http"] {
+            assert!(listen_addr(bad).is_err(), "{bad}");
+        }
     }
 }

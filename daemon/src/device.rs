@@ -585,10 +585,45 @@ pub fn teardown() -> Result<bool, DeviceError> {
     with_handle(async |handle| remove_ours(&handle).await)
 }
 
-/// The /proc/sys file of a sysctl. `/proc/sys/net` resolves against the calling *thread's*
-/// network namespace, so on a netns worker thread this is the pod's.
+/// Where sysctls are written unless configured otherwise.
+pub const DEFAULT_SYSCTL_DIR: &str = "/proc/sys";
+
+/// The agent's sysctl directory, set once at start-up ([`use_sysctl_dir`]). A process-wide
+/// setting rather than a parameter: it is a fact of the agent's mount namespace, the same for
+/// every pod, read on netns worker threads deep below the service.
+static SYSCTL_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Checks that `net.*` sysctls can be written through `dir` and makes it the agent's sysctl
+/// directory. A container's own `/proc/sys` is mounted read-only by the runtime (and AppArmor's
+/// default profile denies writes below it): under the DaemonSet `dir` is the host's
+/// `/proc/sys` mounted elsewhere. Refusing to start beats failing every pod that asks for a
+/// sysctl.
+pub fn use_sysctl_dir(dir: &std::path::Path) -> Result<(), String> {
+    let net = dir.join("net");
+    let vfs = nix::sys::statvfs::statvfs(&net).map_err(|e| {
+        format!(
+            "sysctl dir {}: {e}; set sysctl-dir to where /proc/sys/net is mounted",
+            net.display()
+        )
+    })?;
+    if vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(format!(
+            "sysctl dir {} is mounted read-only (a container's /proc/sys is): mount the host's /proc/sys/net writable elsewhere and set sysctl-dir (the DaemonSet in manifests/ does)",
+            net.display()
+        ));
+    }
+    let _ = SYSCTL_DIR.set(dir.to_owned());
+    Ok(())
+}
+
+/// The file of a sysctl. `net/...` under procfs resolves against the calling *thread's*
+/// network namespace (whichever mount of procfs it is reached through), so on a netns worker
+/// thread this is the pod's.
 fn sysctl_path(name: &str) -> std::path::PathBuf {
-    std::path::Path::new("/proc/sys").join(name.replace('.', "/"))
+    SYSCTL_DIR
+        .get()
+        .map_or(std::path::Path::new(DEFAULT_SYSCTL_DIR), |d| d.as_path())
+        .join(name.replace('.', "/"))
 }
 
 /// Writes each sysctl and returns the previous values. If one fails, those already written

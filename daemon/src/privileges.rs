@@ -15,11 +15,14 @@ pub enum PrivilegeError {
     Missing(Capability),
     #[error("reading or changing capabilities: {0}")]
     Caps(#[from] caps::errors::CapsError),
+    #[error("setting no_new_privs: {0}")]
+    NoNewPrivs(#[source] nix::Error),
 }
 
 /// Checks the needed capabilities are permitted, then keeps only those: the bounding set is
 /// trimmed (when CAP_SETPCAP allows it), ambient and inheritable are cleared, and permitted and
-/// effective become exactly [`NEEDED`]. Returns the capabilities kept.
+/// effective become exactly [`NEEDED`]; and sets `no_new_privs`, so nothing the process might
+/// exec gains privileges (a setuid binary, file capabilities). Returns the capabilities kept.
 pub fn drop_to_needed() -> Result<Vec<Capability>, PrivilegeError> {
     let permitted = caps::read(None, CapSet::Permitted)?;
     if let Some(missing) = NEEDED.iter().find(|c| !permitted.contains(c)) {
@@ -37,6 +40,7 @@ pub fn drop_to_needed() -> Result<Vec<Capability>, PrivilegeError> {
     caps::clear(None, CapSet::Inheritable)?;
     caps::set(None, CapSet::Effective, &keep)?;
     caps::set(None, CapSet::Permitted, &keep)?;
+    nix::sys::prctl::set_no_new_privs().map_err(PrivilegeError::NoNewPrivs)?;
     let mut kept: Vec<Capability> = caps::read(None, CapSet::Effective)?.into_iter().collect();
     kept.sort_by_key(|c| c.index());
     Ok(kept)

@@ -35,6 +35,8 @@ pub enum ServeError {
     Metrics(std::net::SocketAddr, #[source] std::io::Error),
     #[error("watching the CNI config dir: {0}")]
     Install(#[source] crate::install::InstallError),
+    #[error("{0}")]
+    Sysctl(String),
 }
 
 fn socket_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
@@ -44,15 +46,47 @@ fn socket_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     }
 }
 
-/// Binds the socket: creates its directory 0700 if missing, replaces a stale socket (never
+/// Binds the socket: its directory is made 0700 — created so if missing; narrowed if it is
+/// the agent's (holds nothing but the socket) yet wider, as a hostPath `DirectoryOrCreate`
+/// makes it 0755; a shared directory (`/run`, `/tmp`) is left alone with a warning, the socket's
+/// own 0600 guarding it; refused if another user owns it — replaces a stale socket (never
 /// another kind of file), and sets the socket to 0600.
 pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(socket_err(path))?;
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(socket_err(path))?;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir).map_err(socket_err(path))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(socket_err(path)(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the socket directory {} belongs to uid {}, not to the agent (uid {me})",
+                    dir.display(),
+                    meta.uid()
+                ),
+            )));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            let only_ours = std::fs::read_dir(dir)
+                .map_err(socket_err(path))?
+                .flatten()
+                .all(|e| Some(e.file_name().as_os_str()) == path.file_name());
+            if only_ours {
+                tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), "narrowing the socket directory to 0700");
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(socket_err(path))?;
+            } else {
+                tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the socket directory holds other files: left as it is (the socket itself is 0600)");
+            }
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -131,6 +165,7 @@ pub async fn serve(
     // answer the agent gives (readiness, CNI STATUS) already knows. Each kernel step in it is
     // bounded; a failed probe keeps the agent serving but not ready, with the reason.
     let _ = tokio::task::spawn_blocking(crate::probe::init).await;
+    crate::device::use_sysctl_dir(&config.sysctl_dir).map_err(ServeError::Sysctl)?;
     let listener = bind(&config.socket)?;
     let socket = config.socket.clone();
     let allow = config.allow_uids.clone();
@@ -259,4 +294,43 @@ pub async fn serve(
     }
     tracing::info!("sluice-agent stopped");
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn the_socket_directory_is_narrowed_only_when_it_is_the_agents() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // A hostPath DirectoryOrCreate: 0755, empty.
+        let own = tmp.path().join("sluice");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&own)
+            .expect("dir");
+        let sock = own.join("agent.sock");
+        drop(bind(&sock).expect("bind"));
+        assert_eq!(mode(&own), 0o700);
+        assert_eq!(mode(&sock), 0o600);
+        // Again, with the stale socket left behind: still the agent's.
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        drop(bind(&sock).expect("rebind over a stale socket"));
+        assert_eq!(mode(&own), 0o700);
+        // A shared directory keeps its mode.
+        let shared = tmp.path().join("run");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&shared)
+            .expect("dir");
+        std::fs::write(shared.join("other.pid"), "1").expect("other file");
+        drop(bind(&shared.join("agent.sock")).expect("bind"));
+        assert_eq!(mode(&shared), 0o755);
+    }
 }

@@ -45,6 +45,11 @@ pub struct Chain {
     pub index: u8,
     /// The conflist's `cniVersion` (what every plugin in it is called with).
     pub cni_version: &'static str,
+    /// Put `sluice-cni` (this build's) into containerd's CNI bin dir; off when something else
+    /// installs it there (the DaemonSet's `--install`).
+    pub link_plugin: bool,
+    /// Dual-stack pods: host-local also hands out an address of `fd00:2NN::/64`.
+    pub ipv6: bool,
 }
 
 impl Chain {
@@ -54,6 +59,8 @@ impl Chain {
             agent_socket,
             index,
             cni_version: "1.0.0",
+            link_plugin: true,
+            ipv6: false,
         }
     }
 }
@@ -78,6 +85,14 @@ fn write(path: &Path, text: &str) {
 pub fn conflist(chain: &Chain, ipam_dir: &Path) -> serde_json::Value {
     let bridge = format!("slbr{}", chain.index);
     let subnet = format!("10.{}.0.0/24", 200 + u16::from(chain.index));
+    let mut ranges = vec![serde_json::json!([{"subnet": subnet}])];
+    let mut routes = vec![serde_json::json!({"dst": "0.0.0.0/0"})];
+    if chain.ipv6 {
+        ranges.push(
+            serde_json::json!([{"subnet": format!("fd00:{}::/64", 200 + u16::from(chain.index))}]),
+        );
+        routes.push(serde_json::json!({"dst": "::/0"}));
+    }
     let mut plugins = vec![serde_json::json!({
         "type": "bridge",
         "bridge": bridge,
@@ -85,8 +100,8 @@ pub fn conflist(chain: &Chain, ipam_dir: &Path) -> serde_json::Value {
         "ipMasq": false,
         "ipam": {
             "type": "host-local",
-            "ranges": [[{"subnet": subnet}]],
-            "routes": [{"dst": "0.0.0.0/0"}],
+            "ranges": ranges,
+            "routes": routes,
             "dataDir": ipam_dir,
         },
     })];
@@ -189,8 +204,10 @@ impl Containerd {
             )
             .expect("link reference plugin");
         }
-        std::os::unix::fs::symlink(bin("sluice-cni"), dir.join("cni/bin/sluice-cni"))
-            .expect("link sluice-cni");
+        if chain.link_plugin {
+            std::os::unix::fs::symlink(bin("sluice-cni"), dir.join("cni/bin/sluice-cni"))
+                .expect("link sluice-cni");
+        }
         write(
             &dir.join("cni/conf/10-sluice-test.conflist"),
             &conflist(chain, &dir.join("ipam")).to_string(),
@@ -381,11 +398,7 @@ impl Containerd {
             )
             .unwrap_or_else(|s| self.fail(&format!("PodSandboxStatus {id}: {}", s.message())))
             .into_inner();
-        let info: serde_json::Value = status
-            .info
-            .get("info")
-            .and_then(|i| serde_json::from_str(i).ok())
-            .unwrap_or_else(|| self.fail("PodSandboxStatus has no verbose info"));
+        let info = self.verbose_info(&status.info, "PodSandboxStatus");
         info["runtimeSpec"]["linux"]["namespaces"]
             .as_array()
             .into_iter()
@@ -430,14 +443,75 @@ impl Containerd {
         pod: &str,
         config: ContainerConfig,
     ) -> Result<String, String> {
+        let sandbox_config = pod_request(pod, &[], &self.dir.join("logs"))
+            .config
+            .unwrap_or_default();
+        self.create_and_start_in(sandbox, &sandbox_config, config)
+    }
+
+    /// Starts a busybox app container (uid 1000) in the sandbox and connects from it to `to`
+    /// (`IP PORT`) with `nc`: the line the listener answered, or the exit code and stderr.
+    pub fn app_connects(
+        &self,
+        sandbox: &str,
+        pod: &str,
+        ip: &str,
+        port: &str,
+    ) -> Result<String, String> {
+        let app = self.start_container(sandbox, pod, "app", 1000);
+        let (code, out, err) = self.exec(&app, &["/bin/busybox", "nc", "-w", "3", ip, port]);
+        if code == 0 {
+            Ok(out.trim().to_owned())
+        } else {
+            Err(format!("nc exited {code}: {err}"))
+        }
+    }
+
+    /// Imports an OCI image tarball (e.g. `make image`'s) under `base_name` into the CRI's
+    /// namespace, as `ctr images import` does on a node.
+    pub fn import(&self, tar: &Path, base_name: &str) {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["-n", "k8s.io", "images", "import", "--base-name", base_name])
+            .arg(tar)
+            .output()
+            .expect("ctr images import");
+        if !out.status.success() {
+            self.fail(&format!(
+                "importing {}: {}",
+                tar.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+
+    /// RunPodSandbox with a config built elsewhere (e.g. from a manifest).
+    pub fn run_sandbox(&self, config: PodSandboxConfig) -> Result<String, String> {
         let mut client = self.runtime.clone();
-        let sandbox_config = pod_request(pod, &[], &self.dir.join("logs")).config;
+        self.rt
+            .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            }))
+            .map(|r| r.into_inner().pod_sandbox_id)
+            .map_err(|s| format!("RunPodSandbox: {}", s.message()))
+    }
+
+    /// CreateContainer then StartContainer, with the sandbox's own config (as kubelet sends it).
+    pub fn create_and_start_in(
+        &self,
+        sandbox: &str,
+        sandbox_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String, String> {
+        let mut client = self.runtime.clone();
         self.rt.block_on(async {
             let id = client
                 .create_container(CreateContainerRequest {
                     pod_sandbox_id: sandbox.to_owned(),
                     config: Some(config),
-                    sandbox_config,
+                    sandbox_config: Some(sandbox_config.clone()),
                 })
                 .await
                 .map_err(|s| format!("CreateContainer: {}", s.message()))?
@@ -451,6 +525,60 @@ impl Containerd {
                 .map_err(|s| format!("StartContainer: {}", s.message()))?;
             Ok(id)
         })
+    }
+
+    /// StopContainer: SIGTERM (the image's stop signal), SIGKILL after `timeout_s`.
+    pub fn stop_container(&self, id: &str, timeout_s: i64) -> Result<(), String> {
+        let mut client = self.runtime.clone();
+        self.rt
+            .block_on(
+                client.stop_container(sluice_proto::cri::StopContainerRequest {
+                    container_id: id.to_owned(),
+                    timeout: timeout_s,
+                }),
+            )
+            .map(drop)
+            .map_err(|s| format!("StopContainer: {}", s.message()))
+    }
+
+    /// A running container's process id on the host (from its verbose status).
+    pub fn container_pid(&self, id: &str) -> u32 {
+        let response = self.container_status_of(id, true);
+        self.verbose_info(&response.info, "ContainerStatus")["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or_else(|| self.fail(&format!("no pid in the verbose status of {id}")))
+    }
+
+    /// The JSON of a verbose CRI status's `info` map.
+    fn verbose_info(&self, info: &HashMap<String, String>, call: &str) -> serde_json::Value {
+        info.get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or_else(|| self.fail(&format!("{call} has no verbose info")))
+    }
+
+    fn container_status_of(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> sluice_proto::cri::ContainerStatusResponse {
+        let mut client = self.runtime.clone();
+        self.rt
+            .block_on(
+                client.container_status(sluice_proto::cri::ContainerStatusRequest {
+                    container_id: id.to_owned(),
+                    verbose,
+                }),
+            )
+            .unwrap_or_else(|s| self.fail(&format!("ContainerStatus {id}: {}", s.message())))
+            .into_inner()
+    }
+
+    /// A container's status: state, exit code, reason, message.
+    pub fn container_status(&self, id: &str) -> sluice_proto::cri::ContainerStatus {
+        self.container_status_of(id, false)
+            .status
+            .unwrap_or_else(|| self.fail("ContainerStatus without a status"))
     }
 
     /// Creates and starts a container from `config` in the sandbox and waits for it to exit

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod cri;
+pub mod kube;
 
 use nix::sched::{CloneFlags, setns};
 use nix::unistd::{Gid, Uid};

@@ -95,10 +95,20 @@ fn the_kustomization_lists_the_install_and_the_daemonset_keeps_least_privilege()
         "path: /etc/cni/net.d",
         "grpc:",
         "- --install",
+        "fieldPath: status.hostIP",
+        "- --metrics-addr=$(NODE_IP):9965",
+        "- --health-addr=$(NODE_IP):9966",
+        "path: /proc/sys/net",
+        "mountPath: /host/proc/sys/net",
     ] {
         assert!(ds.contains(want), "daemonset lacks {want:?}");
     }
     assert!(!ds.contains("privileged: true"));
+    // Never every address of the node: metrics and probes bind the node's own address.
+    for file in ["daemonset.yaml", "configmap.yaml"] {
+        let text = std::fs::read_to_string(manifests().join(file)).expect("manifest");
+        assert!(!text.contains("0.0.0.0"), "{file} binds every address");
+    }
     // The image `make image` produces.
     assert!(
         ds.contains(&format!(
@@ -126,7 +136,6 @@ fn the_configmap_is_a_config_the_agent_accepts() {
     let file = loaded.expect("the ConfigMap's config.toml loads");
     let mut cfg = sluice::config::AgentConfig::default();
     file.apply(&mut cfg);
-    assert_eq!(cfg.metrics_addr.map(|a| a.port()), Some(9965));
-    assert_eq!(cfg.health_addr.map(|a| a.port()), Some(9966));
     assert_eq!(cfg.socket, Path::new("/run/sluice/agent.sock"));
+    assert_eq!(cfg.sysctl_dir, Path::new("/host/proc/sys"));
 }

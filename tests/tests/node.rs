@@ -96,6 +96,76 @@ fn without_net_admin_the_agent_fails_fast_with_a_clear_message() {
 }
 
 #[test]
+fn a_read_only_sysctl_dir_stops_the_agent_at_start_and_a_writable_one_is_used() {
+    require_root();
+    // What a container's /proc/sys is: procfs mounted read-only.
+    let dir = std::env::temp_dir().join(format!("sluice-rosys-{}", std::process::id()));
+    let ro = dir.join("proc-sys");
+    std::fs::create_dir_all(&ro).expect("dir");
+    sh(&["mount", "--bind", "/proc/sys", &ro.display().to_string()]);
+    sh(&["mount", "-o", "remount,bind,ro", &ro.display().to_string()]);
+    let out = Command::new(bin("sluice-agent"))
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .args([
+            "--metrics-addr",
+            "off",
+            "--cri-socket",
+            "off",
+            "--sysctl-dir",
+        ])
+        .arg(&ro)
+        .output()
+        .expect("run agent");
+    let _ = nix::mount::umount2(&ro, nix::mount::MntFlags::MNT_DETACH);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is mounted read-only") && err.contains("sysctl-dir"),
+        "{err}"
+    );
+    assert!(!dir.join("agent.sock").exists(), "it never served");
+    // The host's /proc/sys mounted elsewhere, writable (the DaemonSet's /host/proc/sys): the
+    // pod's sysctl is written through it, into the pod's netns.
+    let rw = dir.join("host-proc-sys");
+    std::fs::create_dir_all(rw.join("net")).expect("dir");
+    sh(&[
+        "mount",
+        "--bind",
+        "/proc/sys/net",
+        &rw.join("net").display().to_string(),
+    ]);
+    let agent = Agent::start_with("rwsys", &["--sysctl-dir", &rw.display().to_string()]);
+    let topo = Topology::new("rwsys");
+    let host_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .expect("host sysctl");
+    let run = add(
+        &agent,
+        &topo.pod,
+        "rwsys",
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            (
+                "sluice.dev/sysctls",
+                "net.ipv4.ip_unprivileged_port_start=77",
+            ),
+        ],
+    );
+    let _ = nix::mount::umount2(&rw.join("net"), nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.exit, 0, "{run:?}");
+    let in_pod = topo.pod.run(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap_or_default()
+    });
+    assert_eq!(in_pod.trim(), "77");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").ok(),
+        Some(host_before),
+        "the host's value is untouched"
+    );
+}
+
+#[test]
 fn metrics_count_attaches_detaches_checks_and_drift() {
     require_root();
     let agent = Agent::start("metrics");

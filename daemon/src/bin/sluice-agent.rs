@@ -32,9 +32,14 @@ struct Args {
     /// Prometheus endpoint address, or `off` [default: 127.0.0.1:9965].
     #[arg(long)]
     metrics_addr: Option<String>,
-    /// Serve the gRPC health service alone on this TCP address too (kubelet gRPC probes).
+    /// Serve the gRPC health service alone on this TCP address too (kubelet gRPC probes);
+    /// `ip:port`, an IPv6 address may be written without brackets.
     #[arg(long)]
-    health_addr: Option<std::net::SocketAddr>,
+    health_addr: Option<String>,
+    /// Where `net.*` sysctls are written (`<dir>/net/...`) [default: /proc/sys]. In a
+    /// container, the host's /proc/sys/net mounted elsewhere (its own /proc/sys is read-only).
+    #[arg(long)]
+    sysctl_dir: Option<PathBuf>,
     /// The container runtime's CRI socket, for sandbox discovery and repair, or `off`
     /// [default: /run/containerd/containerd.sock; CRI-O: /var/run/crio/crio.sock].
     #[arg(long)]
@@ -122,11 +127,21 @@ fn main() -> anyhow::Result<()> {
     }
     match args.metrics_addr.as_deref() {
         Some("off") => config.metrics_addr = None,
-        Some(addr) => config.metrics_addr = Some(addr.parse()?),
+        Some(addr) => {
+            config.metrics_addr = Some(
+                sluice::config::listen_addr(addr)
+                    .map_err(|e| anyhow::anyhow!("--metrics-addr: {e}"))?,
+            )
+        }
         None => {}
     }
-    if let Some(addr) = args.health_addr {
-        config.health_addr = Some(addr);
+    if let Some(addr) = &args.health_addr {
+        config.health_addr = Some(
+            sluice::config::listen_addr(addr).map_err(|e| anyhow::anyhow!("--health-addr: {e}"))?,
+        );
+    }
+    if let Some(dir) = args.sysctl_dir {
+        config.sysctl_dir = dir;
     }
     if let Some(v) = &args.cri_socket {
         config.cri_socket = sluice::config::cri_socket(v);
@@ -169,9 +184,11 @@ fn main() -> anyhow::Result<()> {
             uninstall_on_exit: args.uninstall_on_exit,
         });
     }
-    // Least privilege before serving: keep CAP_NET_ADMIN + CAP_SYS_ADMIN, drop the rest.
+    // Least privilege before serving: keep CAP_NET_ADMIN + CAP_SYS_ADMIN, drop the rest, and
+    // no new privileges through exec (the API server refuses allowPrivilegeEscalation: false
+    // next to SYS_ADMIN, so the agent sets it itself).
     let kept = sluice::privileges::drop_to_needed()?;
-    tracing::info!(capabilities = ?kept, "dropped every other capability");
+    tracing::info!(capabilities = ?kept, no_new_privs = true, "dropped every other capability");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
