@@ -1,7 +1,7 @@
 # sluice — run as root on Debian 12. Targets install missing Debian packages first.
 CARGO ?= cargo
 DEBS := nftables iptables iproute2 libnftnl-dev libmnl-dev pkg-config gcc make runc busybox-static \
-  containerd containernetworking-plugins umoci python3 python3-venv
+  containerd containernetworking-plugins umoci python3 python3-venv prometheus
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE := localhost/sluice-agent:$(VERSION)

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sluice_proto::FIELD_METADATA_KEY;
 use sluice_proto::v1::agent_client::AgentClient;
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
 
 use crate::error::*;
 
@@ -84,15 +84,7 @@ fn from_status(socket: &str, s: &Status) -> CniError {
     // broken connection (the agent died or restarted mid-call: "transport error") does. The
     // call may or may not have been applied, and a retry is the answer either way.
     let transport = std::error::Error::source(s).is_some();
-    let code = match s.code() {
-        Code::Unknown | Code::Cancelled | Code::Internal if transport => TRY_AGAIN_LATER,
-        Code::InvalidArgument if matches!(field, "netns" | "container_id") => INVALID_ENV,
-        Code::InvalidArgument => INVALID_CONFIG,
-        Code::NotFound if field == "netns" => UNKNOWN_CONTAINER,
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => TRY_AGAIN_LATER,
-        Code::PermissionDenied => PERMISSION_DENIED,
-        _ => AGENT_FAILED,
-    };
+    let code = sluice_proto::cni_code::of_status(s.code(), field, transport);
     let msg = match code {
         TRY_AGAIN_LATER if transport => format!(
             "sluice agent at {socket} went away during the call: {}",

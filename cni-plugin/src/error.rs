@@ -2,26 +2,10 @@
 
 use serde::Serialize;
 
-/// CNI spec: the config's cniVersion is not one we support.
-pub const INCOMPATIBLE_VERSION: u32 = 1;
-/// CNI spec: a required environment variable is missing or malformed.
-pub const INVALID_ENV: u32 = 4;
-/// CNI spec: the container (its netns) is unknown or does not exist.
-pub const UNKNOWN_CONTAINER: u32 = 3;
-/// CNI spec: stdin could not be decoded.
-pub const DECODE_FAILURE: u32 = 6;
-/// CNI spec: the network config (here: a pod annotation) is invalid.
-pub const INVALID_CONFIG: u32 = 7;
-/// CNI spec: transient; the runtime should retry (the agent is unreachable or timed out).
-pub const TRY_AGAIN_LATER: u32 = 11;
-/// CNI spec (STATUS): the plugin cannot serve new pods.
-pub const NOT_AVAILABLE: u32 = 50;
-/// sluice: CHECK found our table missing or different from the plan.
-pub const DRIFT: u32 = 100;
-/// sluice: the agent failed while programming the pod (see the message).
-pub const AGENT_FAILED: u32 = 101;
-/// sluice: the agent refused this plugin's credentials (SO_PEERCRED allow-list).
-pub const PERMISSION_DENIED: u32 = 102;
+pub use sluice_proto::cni_code::{
+    AGENT_FAILED, DECODE_FAILURE, DRIFT, INCOMPATIBLE_VERSION, INVALID_ENV, NOT_AVAILABLE,
+    TRY_AGAIN_LATER,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CniError {

@@ -23,6 +23,37 @@ pub struct Outcome {
     pub reason: String,
 }
 
+/// An attach's outcome, with the CNI code the plugin answered for a failure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttachOutcome {
+    /// `programmed`, `skipped` or `error`.
+    pub result: String,
+    /// A fixed set: for `error` `invalid_argument`, `not_found`, `permission_denied`,
+    /// `deadline`, `saturated`, `kernel`; for `skipped` `not_selected`, `opted_out`,
+    /// `profile_disabled`, `interception_none`; "" for `programmed`.
+    pub reason: String,
+    /// The CNI error code the runtime saw (`7`, `11`, `101` …); "" unless `error`.
+    pub code: String,
+}
+
+/// Every (result, reason, code) an attach can be counted under; the README's metrics table
+/// lists them.
+pub const ATTACH_OUTCOMES: [(&str, &str, &str); 13] = [
+    ("programmed", "", ""),
+    ("skipped", "not_selected", ""),
+    ("skipped", "opted_out", ""),
+    ("skipped", "profile_disabled", ""),
+    ("skipped", "interception_none", ""),
+    ("error", "invalid_argument", "7"),
+    ("error", "invalid_argument", "4"),
+    ("error", "not_found", "3"),
+    ("error", "not_found", "101"),
+    ("error", "permission_denied", "102"),
+    ("error", "deadline", "11"),
+    ("error", "saturated", "11"),
+    ("error", "kernel", "101"),
+];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildInfo {
     version: String,
@@ -32,7 +63,7 @@ struct BuildInfo {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub attaches: Family<Outcome, Counter>,
+    pub attaches: Family<AttachOutcome, Counter>,
     pub detaches: Family<Outcome, Counter>,
     pub checks: Family<Outcome, Counter>,
     /// Agent-side attach duration (request received → kernel programmed), seconds.
@@ -49,8 +80,13 @@ pub struct Metrics {
     pub uncaptured_pods: Gauge,
     /// Reconcile passes by result (`ok`, `error`: the runtime did not answer).
     pub reconcile_passes: Family<Outcome, Counter>,
+    /// 1 while the agent answers its readiness probe SERVING (install in place, kernel path
+    /// working), else 0.
+    pub ready: Gauge,
     rss_bytes: Gauge,
-    cpu_seconds: Gauge<f64, AtomicU64>,
+    cpu_seconds: Counter<f64, AtomicU64>,
+    /// CPU seconds already added to `cpu_seconds` (it is read as a total from /proc).
+    cpu_seen: std::sync::Mutex<f64>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,11 +117,17 @@ impl Metrics {
             repairs: Family::default(),
             uncaptured_pods: Gauge::default(),
             reconcile_passes: Family::default(),
+            ready: Gauge::default(),
             rss_bytes: Gauge::default(),
-            cpu_seconds: Gauge::default(),
+            cpu_seconds: Counter::default(),
+            cpu_seen: std::sync::Mutex::new(0.0),
             registry: Registry::default(),
         };
-        registry.register("attaches", "Attach calls by result", m.attaches.clone());
+        registry.register(
+            "attaches",
+            "Attach calls by result, reason and the CNI code answered",
+            m.attaches.clone(),
+        );
         registry.register("detaches", "Detach calls by result", m.detaches.clone());
         registry.register("checks", "Check calls by result", m.checks.clone());
         registry.register(
@@ -123,6 +165,11 @@ impl Metrics {
             "Reconcile passes over the runtime's sandboxes, by result",
             m.reconcile_passes.clone(),
         );
+        registry.register(
+            "ready",
+            "1 while the agent is ready (install in place, kernel path working)",
+            m.ready.clone(),
+        );
         let info = Family::<BuildInfo, Gauge>::default();
         info.get_or_create(&BuildInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -139,11 +186,47 @@ impl Metrics {
             "Agent CPU time (user + system)",
             m.cpu_seconds.clone(),
         );
+        // Every bounded label value exists from the start, at 0: a ratio or an increase over
+        // a window is then exact from the first scrape, and "no failures" is a 0, not an
+        // absent series.
+        for (result, reason, code) in ATTACH_OUTCOMES {
+            drop(m.attaches.get_or_create(&AttachOutcome {
+                result: result.into(),
+                reason: reason.into(),
+                code: code.into(),
+            }));
+        }
+        for reason in ["missing", "drift"] {
+            drop(m.repairs.get_or_create(&Reason {
+                reason: reason.into(),
+            }));
+        }
+        for result in ["ok", "error"] {
+            drop(m.reconcile_passes.get_or_create(&Outcome {
+                result: result.into(),
+                reason: String::new(),
+            }));
+        }
         Metrics { registry, ..m }
     }
 
-    pub fn attach(&self, result: &str, reason: &str) {
-        inc(&self.attaches, result, reason);
+    /// Counts an attach; `code` is the CNI code answered for an error.
+    pub fn attach(&self, result: &str, reason: &str, code: Option<u32>) {
+        debug_assert!(
+            ATTACH_OUTCOMES.contains(&(
+                result,
+                reason,
+                &code.map(|c| c.to_string()).unwrap_or_default()
+            )),
+            "an attach outcome off the documented set: {result} {reason} {code:?}"
+        );
+        self.attaches
+            .get_or_create(&AttachOutcome {
+                result: result.into(),
+                reason: reason.into(),
+                code: code.map(|c| c.to_string()).unwrap_or_default(),
+            })
+            .inc();
     }
 
     pub fn repair(&self, reason: &str) {
@@ -170,7 +253,11 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some((rss, cpu)) = process_figures() {
             self.rss_bytes.set(rss as i64);
-            self.cpu_seconds.set(cpu);
+            let mut seen = self.cpu_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if cpu > *seen {
+                self.cpu_seconds.inc_by(cpu - *seen);
+                *seen = cpu;
+            }
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -137,11 +137,17 @@ fn set_install(state: &InstallState, result: Result<(), crate::install::InstallE
 
 /// gRPC health SERVING iff the install is in place and the kernel path works (what the
 /// DaemonSet's readiness probe asks).
-async fn report_health(state: &InstallState, reporter: &tonic_health::server::HealthReporter) {
+async fn report_health(
+    state: &InstallState,
+    reporter: &tonic_health::server::HealthReporter,
+    metrics: &Metrics,
+) {
     let install = state
         .lock()
         .map_or_else(|p| p.into_inner().clone(), |g| g.clone());
-    match install.and_then(|()| crate::service::readiness()) {
+    let ready = install.and_then(|()| crate::service::readiness());
+    metrics.ready.set(i64::from(ready.is_ok()));
+    match ready {
         Ok(()) => reporter.set_serving::<AgentServer<AgentService>>().await,
         Err(reason) => {
             tracing::warn!(%reason, "agent is not ready to program pods");
@@ -194,6 +200,7 @@ pub async fn serve(
         }));
         // Keep the chain in place when the primary CNI rewrites its config.
         let (state, reporter) = (install_state.clone(), health_reporter.clone());
+        let watch_metrics = metrics.clone();
         let handle = tokio::runtime::Handle::current();
         _watcher = Some(
             ni.installer
@@ -201,7 +208,8 @@ pub async fn serve(
                 .watch(move |result| {
                     set_install(&state, result.map(drop));
                     let (state, reporter) = (state.clone(), reporter.clone());
-                    handle.spawn(async move { report_health(&state, &reporter).await });
+                    let metrics = watch_metrics.clone();
+                    handle.spawn(async move { report_health(&state, &reporter, &metrics).await });
                 })
                 .map_err(ServeError::Install)?,
         );
@@ -223,13 +231,14 @@ pub async fn serve(
         .cri_socket
         .clone()
         .map(|socket| (socket, config.repair, config.reconcile_interval));
+    let ready_metrics = metrics.clone();
     let service = Arc::new(AgentService::new(
         config,
         policy,
         metrics,
         install_state.clone(),
     ));
-    report_health(&install_state, &health_reporter).await;
+    report_health(&install_state, &health_reporter, &ready_metrics).await;
     // Sandbox discovery and repair: a first pass now (rebuilding the records after a
     // restart), then one per interval.
     let reconciler = discovery.map(|(socket, repair, interval)| {

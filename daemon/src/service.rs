@@ -341,13 +341,21 @@ impl Agent for AgentService {
         let m = &self.metrics;
         match &result {
             Ok(r) if r.get_ref().outcome == Outcome::Skipped as i32 => {
-                m.attach("skipped", skip_reason(&r.get_ref().reason));
+                m.attach("skipped", skip_reason(&r.get_ref().reason), None);
             }
             Ok(_) => {
-                m.attach("programmed", "");
+                m.attach("programmed", "", None);
                 m.attach_duration.observe(start.elapsed().as_secs_f64());
             }
-            Err(s) => m.attach("error", error_reason(s)),
+            Err(s) => {
+                let field = s
+                    .metadata()
+                    .get(sluice_proto::FIELD_METADATA_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let code = sluice_proto::cni_code::of_status(s.code(), field, false);
+                m.attach("error", error_reason(s), Some(code));
+            }
         }
         m.attached_pods.set(self.registry.pods() as i64);
         result

@@ -197,14 +197,14 @@ fn metrics_count_attaches_detaches_checks_and_drift() {
     assert_eq!(
         value(
             &m,
-            "sluice_attaches_total{result=\"programmed\",reason=\"\"}"
+            "sluice_attaches_total{result=\"programmed\",reason=\"\",code=\"\"}"
         ),
         2.0
     );
     assert_eq!(
         value(
             &m,
-            "sluice_attaches_total{result=\"error\",reason=\"invalid_argument\"}"
+            "sluice_attaches_total{result=\"error\",reason=\"invalid_argument\",code=\"7\"}"
         ),
         1.0
     );
