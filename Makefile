@@ -58,12 +58,12 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Attach-latency benchmark (a few minutes on 2 cores); results in results/.
-bench: deps
+bench: deps plugin-static
 	$(CARGO) build --release --workspace --bins
 	./target/release/sluice-bench --out results
 
 ## A small run that keeps the benchmark from rotting (CI); results in results/quick.
-bench-quick: deps
+bench-quick: deps plugin-static
 	$(CARGO) build --release --workspace --bins
 	./target/release/sluice-bench --quick --out results/quick
 

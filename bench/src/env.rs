@@ -23,6 +23,21 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The `sluice-cni` to measure: the static executable nodes get (`make plugin-static`, which
+/// `make bench` builds: target/x86_64-unknown-linux-gnu/release/ beside target/release/), or
+/// the dynamically linked build next to the bench if there is no static one.
+pub fn plugin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let static_plugin = exe
+        .parent()
+        .and_then(|release| release.parent())
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/sluice-cni"));
+    match static_plugin {
+        Some(p) if p.exists() => Ok(p),
+        _ => bin("sluice-cni"),
+    }
+}
+
 /// A named netns (`ip netns add`), deleted on drop. Created and deleted outside timed regions.
 #[derive(Debug)]
 pub struct Netns {

@@ -4,6 +4,7 @@
 //! one run, on a fresh pod netns per sample. Netns creation and teardown are never timed.
 #![forbid(unsafe_code)]
 
+mod breakdown;
 mod env;
 mod methods;
 mod pod;
@@ -151,6 +152,25 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // 1b. Where sluice-e2e's time goes, from the plugin's and the agent's own timestamps.
+    let mut breakdown = None;
+    if args.only.is_empty() || args.only.iter().any(|o| o == "breakdown") {
+        let n = if args.quick { 20 } else { 300 };
+        let pb = bar(warmup + n, "sluice-e2e breakdown");
+        let mut marks = Vec::with_capacity(n);
+        for i in 0..warmup + n {
+            let ns = Netns::new(&ns_name("bd", i))?;
+            let m = breakdown::sample(&mut runner, &format!("bd-{}-{i}", std::process::id()), &ns)?;
+            if i >= warmup {
+                marks.push(m);
+            }
+            drop(ns);
+            pb.inc(1);
+        }
+        pb.finish();
+        breakdown = Some(breakdown::summarize(&marks));
+    }
+
     // 2. Concurrency sweep: parallel attaches into distinct netns.
     let mut concurrency = Vec::new();
     let sweeps = args.only.is_empty();
@@ -259,12 +279,13 @@ fn main() -> anyhow::Result<()> {
         concurrency,
         population,
         pod,
+        breakdown,
         rss,
     };
     report.write(&args.out, &all_samples)?;
     println!("\n{}", report.markdown());
     println!(
-        "Wrote {}/{{results.md,samples.csv,summary.json,latency.svg}}",
+        "Wrote {}/{{results.md,samples.csv,summary.json,latency.svg,breakdown.svg}}",
         args.out.display()
     );
     Ok(())
@@ -383,7 +404,7 @@ fn plugin_rss(runner: &Runner) -> anyhow::Result<u64> {
 }
 
 fn plugin_rss_probe(netns: &str, socket: &str) -> anyhow::Result<()> {
-    let mut cmd = Command::new(env::bin("sluice-cni")?);
+    let mut cmd = Command::new(env::plugin()?);
     cmd.env_clear()
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", "rss-probe")
@@ -422,5 +443,12 @@ fn machine() -> String {
             })
         })
         .map_or(0, |kib| kib / 1024 / 1024);
-    format!("{cores} cores ({cpu}), {mem} GiB, Linux {kernel}")
+    let plugin = env::plugin().map_or("?".to_owned(), |p| {
+        if p.to_string_lossy().contains("x86_64-unknown-linux-gnu") {
+            "static".to_owned()
+        } else {
+            "dynamically linked".to_owned()
+        }
+    });
+    format!("{cores} cores ({cpu}), {mem} GiB, Linux {kernel}; sluice-cni {plugin}")
 }

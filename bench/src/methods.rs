@@ -9,7 +9,7 @@ use sluice_proto::v1::AttachRequest;
 use sluice_proto::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
-use crate::env::{Agent, Netns, bin, run_with_stdin};
+use crate::env::{Agent, Netns, run_with_stdin};
 use crate::runc::InitContainer;
 
 /// istio-cni's golden `basic` (default sidecar pod) in iptables-restore form.
@@ -26,14 +26,22 @@ pub enum Method {
     IptablesPerRule,
     NftFile,
     InitContainer,
+    /// Like for like with the Istio CNI plugin: a process started from the host per pod that
+    /// enters the pod netns and runs iptables-restore (`nsenter --net=NETNS iptables-nft-restore`).
+    IstioCniLike,
+    /// Like for like with the Linkerd CNI plugin: from the host, one `nsenter --net=NETNS
+    /// iptables-nft` exec per rule.
+    LinkerdCniLike,
     /// Reference, not a method: spawning and reaping `/bin/true`, the floor under every
     /// method that starts a process.
     ExecFloor,
 }
 
-pub const ALL: [Method; 8] = [
+pub const ALL: [Method; 10] = [
     Method::SluiceE2e,
     Method::SluiceRpc,
+    Method::IstioCniLike,
+    Method::LinkerdCniLike,
     Method::IptablesNftRestore,
     Method::IptablesLegacyRestore,
     Method::IptablesPerRule,
@@ -52,6 +60,8 @@ impl Method {
             Method::IptablesPerRule => "iptables-per-rule",
             Method::NftFile => "nft-f",
             Method::InitContainer => "init-container",
+            Method::IstioCniLike => "istio-cni-like",
+            Method::LinkerdCniLike => "linkerd-cni-like",
             Method::ExecFloor => "ref-exec-true",
         }
     }
@@ -66,6 +76,12 @@ impl Method {
             Method::NftFile => "nft -f in the netns (Istio's nftables backend)",
             Method::InitContainer => {
                 "runc run of a busybox init container (NET_ADMIN+NET_RAW) running iptables-restore"
+            }
+            Method::IstioCniLike => {
+                "from the host: nsenter --net=NETNS iptables-nft-restore (what istio-cni does per pod)"
+            }
+            Method::LinkerdCniLike => {
+                "from the host: one nsenter --net=NETNS iptables-nft exec per rule (linkerd-cni)"
             }
             Method::ExecFloor => "reference floor: spawn /bin/true and wait (no rules)",
         }
@@ -113,7 +129,7 @@ fn per_rule_commands() -> Vec<Vec<String>> {
 /// Everything the methods need, set up once.
 pub struct Runner {
     pub agent: Agent,
-    cni: std::path::PathBuf,
+    pub cni: std::path::PathBuf,
     stdin: String,
     rt: tokio::runtime::Runtime,
     client: AgentClient<Channel>,
@@ -145,7 +161,7 @@ impl Runner {
         Ok(Runner {
             stdin: cni_stdin(&agent.socket_str()),
             agent,
-            cni: bin("sluice-cni")?,
+            cni: crate::env::plugin()?,
             rt,
             client,
             per_rule: per_rule_commands(),
@@ -202,6 +218,32 @@ impl Runner {
                     Ok(start.elapsed())
                 })?
             }
+            Method::IstioCniLike => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", ns.path()))
+                    .arg("iptables-nft-restore");
+                let start = Instant::now();
+                run_with_stdin(&mut cmd, ISTIO_IPT.as_bytes())?;
+                Ok(start.elapsed())
+            }
+            Method::LinkerdCniLike => {
+                let enter = format!("--net={}", ns.path());
+                let start = Instant::now();
+                for args in &self.per_rule {
+                    let out = Command::new("nsenter")
+                        .arg(&enter)
+                        .arg("iptables-nft")
+                        .args(args)
+                        .output()?;
+                    if !out.status.success() {
+                        bail!(
+                            "nsenter iptables {args:?}: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                }
+                Ok(start.elapsed())
+            }
             Method::ExecFloor => {
                 let mut cmd = Command::new("/bin/true");
                 cmd.stdin(std::process::Stdio::null());
@@ -247,9 +289,11 @@ impl Runner {
         }
         let listing = match method {
             Method::IptablesLegacyRestore => ns.exec(&["iptables-legacy-save", "-t", "nat"])?,
-            Method::IptablesNftRestore | Method::IptablesPerRule | Method::InitContainer => {
-                ns.exec(&["iptables-nft-save", "-t", "nat"])?
-            }
+            Method::IptablesNftRestore
+            | Method::IptablesPerRule
+            | Method::InitContainer
+            | Method::IstioCniLike
+            | Method::LinkerdCniLike => ns.exec(&["iptables-nft-save", "-t", "nat"])?,
             _ => ns.exec(&["nft", "list", "ruleset"])?,
         };
         let text = String::from_utf8_lossy(&listing.stdout);

@@ -57,6 +57,7 @@ pub struct Report {
     pub concurrency: Vec<ConcurrencyResult>,
     pub population: Vec<PopulationResult>,
     pub pod: Option<crate::pod::PodResult>,
+    pub breakdown: Option<crate::breakdown::Breakdown>,
     pub rss: Rss,
 }
 
@@ -120,6 +121,24 @@ impl Report {
                     );
                 }
             }
+        }
+        // Headline: like for like with what the meshes' CNI plugins do per pod.
+        for like in ["istio-cni-like", "linkerd-cni-like"] {
+            if let Some(r) = self
+                .methods
+                .iter()
+                .find(|m| m.id == like)
+                .and_then(|m| m.ratio_p50.zip(m.ratio_p99))
+            {
+                let _ = writeln!(
+                    out,
+                    "\nsluice-e2e vs {like}: {:.1}× faster at p50, {:.1}× at p99.",
+                    r.0, r.1
+                );
+            }
+        }
+        if let Some(b) = &self.breakdown {
+            let _ = writeln!(out, "\n{}", b.markdown());
         }
         let _ = writeln!(
             out,
@@ -227,6 +246,9 @@ impl Report {
             );
         }
         std::fs::write(dir.join("samples.csv"), csv)?;
+        if let Some(b) = &self.breakdown {
+            b.plot(&dir.join("breakdown.svg"))?;
+        }
         plot(&dir.join("latency.svg"), samples)
     }
 }

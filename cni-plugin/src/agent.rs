@@ -30,6 +30,7 @@ where
         .enable_all()
         .build()
         .map_err(|e| unreachable(format!("cannot start the client runtime: {e}")))?;
+    crate::timing::mark("runtime");
     rt.block_on(async {
         let work = async {
             let channel = Endpoint::try_from(format!("unix://{socket}"))
@@ -37,10 +38,13 @@ where
                 .connect()
                 .await
                 .map_err(|e| unreachable(source_chain(&e)))?;
-            call(AgentClient::new(channel))
+            crate::timing::mark("connected");
+            let answer = call(AgentClient::new(channel))
                 .await
                 .map(tonic::Response::into_inner)
-                .map_err(|s| from_status(socket, &s))
+                .map_err(|s| from_status(socket, &s));
+            crate::timing::mark("answered");
+            answer
         };
         tokio::time::timeout(timeout, work)
             .await

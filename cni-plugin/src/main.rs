@@ -6,6 +6,7 @@
 mod agent;
 mod conf;
 mod error;
+mod timing;
 
 use std::io::{Read, Write};
 
@@ -79,9 +80,10 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             annotations: annotations(conf),
             pod_ips: conf.pod_ips(),
         };
-        agent::call(conf.socket(), conf.timeout(), |mut c| async move {
+        let answer = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
             c.attach(agent::timed(request, conf.timeout())).await
         })?;
+        timing::agent(answer.timing.as_ref());
     }
     Ok(Output::Text(match &conf.prev_result {
         Some(prev) => prev.get().to_owned(),
@@ -207,6 +209,7 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
 }
 
 fn main() {
+    timing::mark("main");
     let env = Env::from_env(|k| std::env::var(k).ok());
     let mut stdin = Vec::new();
     // One byte past the limit tells "too large" from "exactly at it" without reading more.
@@ -246,6 +249,8 @@ fn main() {
         }
     };
     let _ = out.flush();
+    timing::mark("done");
+    timing::print();
     std::process::exit(code);
 }
 

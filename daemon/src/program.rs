@@ -63,6 +63,7 @@ pub fn attach(
         }
     })?;
     let nft_done = Instant::now();
+    let nft_at_ns = now_ns();
     let mode = match &applied {
         nft::Applied::Created => device::Setup::Fresh,
         nft::Applied::Replaced { previous: Some(o) } if o.fingerprint == rs.owner.fingerprint => {
@@ -112,6 +113,8 @@ pub fn attach(
         replaced: applied != nft::Applied::Created,
         nft_us: (nft_done - start).as_micros() as u64,
         device_us: nft_done.elapsed().as_micros() as u64,
+        nft_at_ns,
+        device_at_ns: now_ns(),
     })
 }
 
@@ -124,6 +127,7 @@ pub fn repair(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError
     let start = Instant::now();
     nft::apply(rs)?;
     let nft_done = Instant::now();
+    let nft_at_ns = now_ns();
     let setup = DeviceSetup::from_plan(plan);
     device::setup(&setup, device::Setup::Repair).map_err(ProgramError::Repair)?;
     device::write_sysctls(&setup.sysctls).map_err(ProgramError::Repair)?;
@@ -131,6 +135,8 @@ pub fn repair(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError
         replaced: true,
         nft_us: (nft_done - start).as_micros() as u64,
         device_us: nft_done.elapsed().as_micros() as u64,
+        nft_at_ns,
+        device_at_ns: now_ns(),
     })
 }
 
@@ -141,6 +147,17 @@ pub struct Timings {
     pub replaced: bool,
     pub nft_us: u64,
     pub device_us: u64,
+    /// When the batch was acknowledged and the device setup done ([`now_ns`]).
+    pub nft_at_ns: u64,
+    pub device_at_ns: u64,
+}
+
+/// Wall-clock nanoseconds since the Unix epoch: stage timestamps a caller on the same host can
+/// line up with its own (an `Instant` cannot leave the process).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Removes our table and our rules, routes and addresses. `Ok(false)` when there was nothing

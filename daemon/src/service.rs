@@ -10,9 +10,9 @@ use ipnet::IpNet;
 use sluice_proto::FIELD_METADATA_KEY;
 use sluice_proto::v1::agent_server::Agent;
 use sluice_proto::v1::{
-    AttachRequest, AttachResponse, Attachment, CheckRequest, CheckResponse, DetachRequest,
-    DetachResponse, ExplainRequest, ExplainResponse, ListRequest, ListResponse, Outcome,
-    StatusRequest, StatusResponse,
+    AttachRequest, AttachResponse, AttachTiming, Attachment, CheckRequest, CheckResponse,
+    DetachRequest, DetachResponse, ExplainRequest, ExplainResponse, ListRequest, ListResponse,
+    Outcome, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -432,6 +432,7 @@ impl AgentService {
         limit: Duration,
     ) -> Result<Response<AttachResponse>, Status> {
         let start = Instant::now();
+        let received_ns = program::now_ns();
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
         required("netns", &req.netns)?;
@@ -475,11 +476,15 @@ impl AgentService {
         // Under the container's lock: read what an earlier ADD recorded (to restore it if this
         // one fails), program, and record, as one unit that a departing caller cannot cut.
         let work = async move {
+            let started_ns = program::now_ns();
             let previous = registry
                 .get(&req.container_id)
                 .and_then(|r| replan(&r, &defaults));
-            let timings = ns
-                .run(move || program::attach(&ruleset, &plan, previous.as_ref()))
+            let (in_netns_ns, timings) = ns
+                .run(move || {
+                    let in_netns_ns = program::now_ns();
+                    program::attach(&ruleset, &plan, previous.as_ref()).map(|t| (in_netns_ns, t))
+                })
                 .await
                 .map_err(netns_status)?
                 .map_err(|e| {
@@ -524,6 +529,14 @@ impl AgentService {
                 profile: profile.to_string(),
                 rule_count,
                 duration_us,
+                timing: Some(AttachTiming {
+                    received_ns,
+                    started_ns,
+                    in_netns_ns,
+                    nft_ns: timings.nft_at_ns,
+                    device_ns: timings.device_at_ns,
+                    replied_ns: program::now_ns(),
+                }),
             }))
         };
         self.work
