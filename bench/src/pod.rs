@@ -31,6 +31,32 @@ const ISTIO_STATUS: (&str, &str) = (
     r#"{"containers":["istio-proxy"]}"#,
 );
 
+/// A mean with its 95 % confidence interval (normal approximation) and the median.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Share {
+    pub n: usize,
+    pub mean_ms: f64,
+    pub ci95_ms: f64,
+    pub p50_ms: f64,
+}
+
+fn share(v: &[f64]) -> Option<Share> {
+    if v.len() < 2 {
+        return None;
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(Share {
+        n: v.len(),
+        mean_ms: mean,
+        ci95_ms: 1.96 * (var / n).sqrt(),
+        p50_ms: sorted[sorted.len() / 2],
+    })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PodResult {
     pub with_sluice: Option<Summary>,
@@ -41,12 +67,43 @@ pub struct PodResult {
     pub init_overhead_ms: [f64; 3],
     /// B / A at p50.
     pub init_over_sluice_p50: f64,
+    /// Measured directly inside A: sluice-cni's own run (its first to its last timestamp, as
+    /// it printed them into containerd's log), exec and exit not included.
+    pub sluice_share: Option<Share>,
+    /// Measured directly inside B: CreateContainer to the init container's observed exit.
+    pub init_share: Option<Share>,
 }
 
 pub struct PodSamples {
     pub a: Vec<Duration>,
     pub b: Vec<Duration>,
     pub c: Vec<Duration>,
+    /// sluice-cni's in-process time per A sample, ms.
+    pub a_plugin_ms: Vec<f64>,
+    /// The init container's create-to-exit time per B sample, ms.
+    pub b_init_ms: Vec<f64>,
+}
+
+/// The newest `sluice-cni timing` line in containerd's log after byte `from`: main → done, ms.
+fn plugin_ms(log: &Path, from: &mut usize) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(log)?;
+    let new = text.get(*from..).unwrap_or_default();
+    *from = text.len();
+    let line = new
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("sluice-cni timing ").map(|(_, t)| t))
+        .context("no sluice-cni timing line in containerd's log")?;
+    let mark = |name: &str| {
+        line.split_whitespace().find_map(|kv| {
+            kv.strip_prefix(name)?
+                .strip_prefix('=')?
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    let (main, done) = mark("main").zip(mark("done")).context("main/done marks")?;
+    Ok((done as f64 - main as f64) / 1e6)
 }
 
 fn init_container(rules: &Path) -> ContainerConfig {
@@ -116,7 +173,14 @@ pub fn run(
     n: usize,
     pb: &indicatif::ProgressBar,
 ) -> anyhow::Result<PodSamples> {
-    let sluiced = Containerd::start("bench-a", &Chain::new(Some(agent_socket.to_owned()), 40));
+    let sluiced = Containerd::start(
+        "bench-a",
+        &Chain {
+            plugin_timing: true,
+            ..Chain::new(Some(agent_socket.to_owned()), 40)
+        },
+    );
+    let mut log_at = 0;
     let plain = Containerd::start("bench-bc", &Chain::new(None, 41));
     let rules = plain.dir.join("istio.ipt");
     std::fs::write(&rules, ISTIO_IPT).context("writing the init container's rules")?;
@@ -124,11 +188,14 @@ pub fn run(
         a: Vec::new(),
         b: Vec::new(),
         c: Vec::new(),
+        a_plugin_ms: Vec::new(),
+        b_init_ms: Vec::new(),
     };
     for i in 0..warmup + n {
         let keep = i >= warmup;
 
         let (id, a) = timed_sandbox(&sluiced, &format!("a{i}"), &[ISTIO_STATUS])?;
+        let a_plugin = plugin_ms(&sluiced.log, &mut log_at)?;
         if i == 0 {
             let ns = sluiced.netns_of(&id);
             let listed = nft_in(&ns, &["list", "table", "inet", "sluice"])?;
@@ -143,9 +210,11 @@ pub fn run(
 
         let t = Instant::now();
         let (id, _) = timed_sandbox(&plain, &format!("b{i}"), &[ISTIO_STATUS])?;
+        let t_init = Instant::now();
         let code = plain
             .run_to_exit(&id, &format!("b{i}"), init_container(&rules))
             .map_err(|m| anyhow::anyhow!("init container: {m}"))?;
+        let b_init = t_init.elapsed();
         let b = t.elapsed();
         if code != 0 {
             let log = plain
@@ -172,6 +241,8 @@ pub fn run(
             out.a.push(a);
             out.b.push(b);
             out.c.push(c);
+            out.a_plugin_ms.push(a_plugin);
+            out.b_init_ms.push(b_init.as_secs_f64() * 1e3);
         }
         pb.inc(1);
     }
@@ -199,6 +270,8 @@ impl PodSamples {
             sluice_overhead_ms: diff(pct(a), pct(c)),
             init_overhead_ms: diff(pct(b), pct(c)),
             init_over_sluice_p50: pct(b)[0] / pct(a)[0],
+            sluice_share: share(&self.a_plugin_ms),
+            init_share: share(&self.b_init_ms),
         }
     }
 }

@@ -214,6 +214,28 @@ impl Report {
                 "\nB / A at p50: {:.2}× (targets: A − C ≤ 5 ms at p50, B / A ≥ 1.5).",
                 p.init_over_sluice_p50
             );
+            let _ = writeln!(
+                out,
+                "\n| capture's share, measured inside each pod start | n | mean ms | 95 % CI ± ms | p50 ms |\n|---|---:|---:|---:|---:|"
+            );
+            for (name, s) in [
+                (
+                    "sluice-cni's own run in A (its timestamps in containerd's log; exec and exit not included)",
+                    p.sluice_share,
+                ),
+                (
+                    "the init container in B (CreateContainer to observed exit)",
+                    p.init_share,
+                ),
+            ] {
+                if let Some(s) = s {
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+                        s.n, s.mean_ms, s.ci95_ms, s.p50_ms
+                    );
+                }
+            }
         }
         let kib = |v: Option<u64>| {
             v.map_or("–".to_owned(), |v| {

@@ -50,6 +50,10 @@ pub struct Chain {
     pub link_plugin: bool,
     /// Dual-stack pods: host-local also hands out an address of `fd00:2NN::/64`.
     pub ipv6: bool,
+    /// `SLUICE_CNI_TIMING` in containerd's environment, which libcni passes on to plugins:
+    /// sluice-cni then prints its stage timestamps to stderr, which containerd writes to its
+    /// log (the pod-level benchmark reads them there).
+    pub plugin_timing: bool,
 }
 
 impl Chain {
@@ -61,6 +65,7 @@ impl Chain {
             cni_version: "1.0.0",
             link_plugin: true,
             ipv6: false,
+            plugin_timing: false,
         }
     }
 }
@@ -216,7 +221,11 @@ impl Containerd {
         let socket = dir.join("containerd.sock");
         let log = dir.join("containerd.log");
         let logfile = std::fs::File::create(&log).expect("containerd log");
-        let child = Command::new("containerd")
+        let mut containerd = Command::new("containerd");
+        if chain.plugin_timing {
+            containerd.env("SLUICE_CNI_TIMING", "1");
+        }
+        let child = containerd
             .arg("--config")
             .arg(dir.join("config.toml"))
             .stdout(Stdio::null())
