@@ -2,9 +2,9 @@
 //!
 //! A path is accepted only if it is lexically under an allowed root, opens to an nsfs file of
 //! a *network* namespace, and is not the agent's own namespace (compared by device + inode).
-//! Work inside a namespace runs on a dedicated OS thread that enters it, runs, and switches back
-//! when its guard drops; if switching back fails the process aborts rather than keep a thread in
-//! the wrong namespace.
+//! Work inside a namespace runs on a dedicated, long-lived OS thread (never a tokio worker) that
+//! enters it, runs, and switches back when its guard drops; if switching back fails the process
+//! aborts rather than keep a thread in the wrong namespace.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -208,30 +208,113 @@ pub struct PodNetns {
 }
 
 impl PodNetns {
-    /// Runs `f` on a fresh OS thread inside this namespace and returns its result.
+    /// Runs `f` on a netns worker thread inside this namespace and returns its result.
     pub async fn run<T, F>(self, f: F) -> Result<T, NetnsError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("sluice-netns".into())
-            .spawn(move || {
-                let result = self.run_here(f);
-                let _ = tx.send(result);
-            })
-            .map_err(|e| NetnsError::Thread(e.to_string()))?;
+        workers().submit(Box::new(move |home: &OwnedFd| {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _guard = Entered::enter(&self, home)?;
+                Ok(f())
+            }))
+            .unwrap_or_else(|_| Err(NetnsError::Thread("the work panicked".into())));
+            let _ = tx.send(result);
+        }))?;
         rx.await
             .map_err(|_| NetnsError::Thread("worker thread ended without a result".into()))?
     }
 
     /// Enters the namespace on the *current* thread, runs `f`, and switches back. Only for
-    /// threads that exist for this purpose (see [`PodNetns::run`]).
+    /// threads that exist for this purpose (tests; the agent uses [`PodNetns::run`]).
     pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        let _guard = Entered::enter(self)?;
+        let home = own_netns()?;
+        let _guard = Entered::enter(self, &home)?;
         Ok(f())
     }
+}
+
+/// One piece of work for a netns worker, given the worker's own (host) namespace to return to.
+type Job = Box<dyn FnOnce(&OwnedFd) + Send>;
+
+/// The most netns worker threads: as many as the agent admits kernel work at once; more jobs
+/// than that wait in the queue.
+const MAX_WORKERS: usize = crate::work::DEFAULT_WORKERS;
+
+/// Long-lived OS threads that run work inside pod namespaces. Each starts in the agent's own
+/// namespace, opens a handle to it once, and returns to it after every job (see [`Entered`]);
+/// it keeps its rtnetlink runtime between jobs. Starting a thread per attach cost a
+/// `clone3`, a stack and the runtime (~60 µs) on every pod. Threads are started on demand, up
+/// to [`MAX_WORKERS`], and then kept.
+struct Workers {
+    jobs: std::sync::mpsc::Sender<Job>,
+    queue: std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<Job>>>,
+    /// (threads started, threads waiting for a job)
+    counts: std::sync::Arc<std::sync::Mutex<(usize, usize)>>,
+}
+
+fn workers() -> &'static Workers {
+    static WORKERS: std::sync::OnceLock<Workers> = std::sync::OnceLock::new();
+    WORKERS.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel();
+        Workers {
+            jobs,
+            queue: std::sync::Arc::new(std::sync::Mutex::new(queue)),
+            counts: std::sync::Arc::default(),
+        }
+    })
+}
+
+impl Workers {
+    /// Hands `job` to a waiting worker, or to a new one while fewer than [`MAX_WORKERS`] run;
+    /// past that it waits in the queue for the first worker to become free.
+    fn submit(&self, job: Job) -> Result<(), NetnsError> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (started, idle) = &mut *counts;
+        if *idle == 0 && *started < MAX_WORKERS {
+            self.start(job)?;
+            *started += 1;
+            return Ok(());
+        }
+        // A waiting worker is spoken for by this job (once all are started the count is only
+        // approximate, and no longer decides anything).
+        *idle = idle.saturating_sub(1);
+        self.jobs
+            .send(job)
+            .map_err(|_| NetnsError::Thread("the netns workers are gone".into()))
+    }
+
+    fn start(&self, first: Job) -> Result<(), NetnsError> {
+        let home = own_netns()?;
+        let (queue, counts) = (self.queue.clone(), self.counts.clone());
+        std::thread::Builder::new()
+            .name("sluice-netns".into())
+            .spawn(move || {
+                first(&home);
+                loop {
+                    counts.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+                    let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(&home),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(|e| NetnsError::Thread(e.to_string()))
+    }
+}
+
+/// A handle to the calling thread's network namespace.
+fn own_netns() -> Result<OwnedFd, NetnsError> {
+    File::open("/proc/thread-self/ns/net")
+        .map(OwnedFd::from)
+        .map_err(|source| NetnsError::Open {
+            path: "/proc/thread-self/ns/net".into(),
+            source,
+        })
 }
 
 /// Runs `f` on a fresh OS thread inside a new, empty network namespace of its own (unshared
@@ -257,19 +340,13 @@ where
         .map_err(|_| NetnsError::Thread("probe thread panicked".into()))?
 }
 
-/// Switches the thread back to its original namespace on drop.
-struct Entered {
-    original: OwnedFd,
+/// Switches the thread back to its own namespace on drop.
+struct Entered<'a> {
+    home: &'a OwnedFd,
 }
 
-impl Entered {
-    fn enter(ns: &PodNetns) -> Result<Self, NetnsError> {
-        let original: OwnedFd = File::open("/proc/thread-self/ns/net")
-            .map_err(|source| NetnsError::Open {
-                path: "/proc/thread-self/ns/net".into(),
-                source,
-            })?
-            .into();
+impl<'a> Entered<'a> {
+    fn enter(ns: &PodNetns, home: &'a OwnedFd) -> Result<Self, NetnsError> {
         setns(ns.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| match source {
             nix::Error::EINVAL => NetnsError::NotNetns(ns.path.clone()),
             source => NetnsError::Enter {
@@ -277,13 +354,13 @@ impl Entered {
                 source,
             },
         })?;
-        Ok(Self { original })
+        Ok(Self { home })
     }
 }
 
-impl Drop for Entered {
+impl Drop for Entered<'_> {
     fn drop(&mut self) {
-        if let Err(e) = setns(self.original.as_fd(), CloneFlags::CLONE_NEWNET) {
+        if let Err(e) = setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET) {
             tracing::error!(error = %e, "cannot switch a thread back to its network namespace; aborting");
             std::process::abort();
         }
