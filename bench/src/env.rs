@@ -23,10 +23,14 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The `sluice-cni` to measure: the static executable nodes get (`make plugin-static`, which
+/// The `sluice-cni` to measure: `$SLUICE_BENCH_PLUGIN` when set (to compare two builds of it,
+/// run after run), else the static executable nodes get (`make plugin-static`, which
 /// `make bench` builds: target/x86_64-unknown-linux-gnu/release/ beside target/release/), or
 /// the dynamically linked build next to the bench if there is no static one.
 pub fn plugin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_BENCH_PLUGIN") {
+        return Ok(PathBuf::from(p));
+    }
     let exe = std::env::current_exe()?;
     let static_plugin = exe
         .parent()
