@@ -18,8 +18,8 @@ use crate::methods::Runner;
 /// (stage, from mark, to mark), in order: they tile the whole attach.
 pub const STAGES: [(&str, &str, &str); 11] = [
     ("exec + loader", "spawn", "main"),
-    ("plugin: parse + runtime", "main", "runtime"),
-    ("connect", "runtime", "connected"),
+    ("plugin: parse + encode", "main", "encoded"),
+    ("connect", "encoded", "connected"),
     ("request", "connected", "agent_received"),
     ("agent: plan + queue", "agent_received", "agent_started"),
     ("agent: netns entry", "agent_started", "agent_in_netns"),

@@ -6,12 +6,15 @@
 mod agent;
 mod conf;
 mod error;
+mod hpack;
+mod http2;
 mod timing;
 
 use std::io::{Read, Write};
 
 use sluice_proto::v1::{
-    AttachRequest, CheckRequest, DetachRequest, ListRequest, PodRef, StatusRequest,
+    AttachRequest, AttachResponse, CheckRequest, CheckResponse, DetachRequest, DetachResponse,
+    ListRequest, ListResponse, PodRef, StatusRequest, StatusResponse,
 };
 
 use crate::conf::{Env, LATEST_VERSION, NetConf, Output, SUPPORTED_VERSIONS};
@@ -52,6 +55,7 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Output, CniError> {
         // asked at all, and if it is not, the config is passed on untouched.
         Err(e) => return conf::pass_through(&env.command, stdin).ok_or(e),
     };
+    timing::mark("parsed");
     let version = conf.cni_version.clone();
     let result = match env.command.as_str() {
         "ADD" => add(env, &conf),
@@ -80,9 +84,9 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             annotations: annotations(conf),
             pod_ips: conf.pod_ips(),
         };
-        let answer = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-            c.attach(agent::timed(request, conf.timeout())).await
-        })?;
+        timing::mark("request_built");
+        let answer: AttachResponse =
+            agent::call(conf.socket(), conf.timeout(), "Attach", &request)?;
         timing::agent(answer.timing.as_ref());
     }
     Ok(Output::Text(match &conf.prev_result {
@@ -100,9 +104,9 @@ fn del(env: &Env, conf: &NetConf) -> Output {
             netns: env.netns.clone(),
             ifname: env.ifname.clone(),
         };
-        if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-            c.detach(agent::timed(request, conf.timeout())).await
-        }) {
+        if let Err(e) =
+            agent::call::<_, DetachResponse>(conf.socket(), conf.timeout(), "Detach", &request)
+        {
             eprintln!(
                 "sluice-cni: DEL of {} continues without the agent: {}",
                 env.container_id, e.msg
@@ -125,9 +129,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         pod_ips: conf.pod_ips(),
         pod: pod(env),
     };
-    let reply = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-        c.check(agent::timed(request, conf.timeout())).await
-    })?;
+    let reply: CheckResponse = agent::call(conf.socket(), conf.timeout(), "Check", &request)?;
     if reply.ok {
         Ok(Output::Nothing)
     } else {
@@ -140,11 +142,9 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
 
 /// STATUS: whether new pods can be served, which needs the agent.
 fn status(conf: &NetConf) -> Result<Output, CniError> {
-    let reply = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-        c.status(agent::timed(StatusRequest {}, conf.timeout()))
-            .await
-    })
-    .map_err(|e| CniError::new(NOT_AVAILABLE, e.msg))?;
+    let reply: StatusResponse =
+        agent::call(conf.socket(), conf.timeout(), "Status", &StatusRequest {})
+            .map_err(|e| CniError::new(NOT_AVAILABLE, e.msg))?;
     if reply.ready {
         Ok(Output::Nothing)
     } else {
@@ -175,9 +175,7 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
             valid.contains(&(a.container_id.as_str(), a.ifname.as_str()))
         }
     };
-    let list = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-        c.list(agent::timed(ListRequest {}, conf.timeout())).await
-    })?;
+    let list: ListResponse = agent::call(conf.socket(), conf.timeout(), "List", &ListRequest {})?;
     let mut failures = Vec::new();
     for stale in list.attachments.into_iter().filter(|a| !is_valid(a)) {
         let id = format!("{}/{}", stale.container_id, stale.ifname);
@@ -186,9 +184,9 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
             netns: stale.netns,
             ifname: stale.ifname,
         };
-        if let Err(e) = agent::call(conf.socket(), conf.timeout(), |mut c| async move {
-            c.detach(agent::timed(request, conf.timeout())).await
-        }) {
+        if let Err(e) =
+            agent::call::<_, DetachResponse>(conf.socket(), conf.timeout(), "Detach", &request)
+        {
             failures.push((id, e));
         }
     }
@@ -227,6 +225,7 @@ fn main() {
                 Ok(n)
             }
         });
+    timing::mark("read");
     // A panic would print Rust's message instead of CNI JSON: turn it into a CNI error.
     std::panic::set_hook(Box::new(|_| {}));
     let outcome = match read {
