@@ -55,7 +55,6 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Output, CniError> {
         // asked at all, and if it is not, the config is passed on untouched.
         Err(e) => return conf::pass_through(&env.command, stdin).ok_or(e),
     };
-    timing::mark("parsed");
     let version = conf.cni_version.clone();
     let result = match env.command.as_str() {
         "ADD" => add(env, &conf),
@@ -84,7 +83,6 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             annotations: annotations(conf),
             pod_ips: conf.pod_ips(),
         };
-        timing::mark("request_built");
         let answer: AttachResponse =
             agent::call(conf.socket(), conf.timeout(), "Attach", &request)?;
         timing::agent(answer.timing.as_ref());
@@ -225,7 +223,6 @@ fn main() {
                 Ok(n)
             }
         });
-    timing::mark("read");
     // A panic would print Rust's message instead of CNI JSON: turn it into a CNI error.
     std::panic::set_hook(Box::new(|_| {}));
     let outcome = match read {
