@@ -143,6 +143,8 @@ fn with_handle<T>(f: impl AsyncFnOnce(Handle) -> Result<T, DeviceError>) -> Resu
                 tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .enable_time()
+                    // One netlink socket at a time: no need for room for 1,024 events.
+                    .max_io_events_per_tick(8)
                     .build()
                     .map_err(DeviceError::Runtime)?,
             );

@@ -20,13 +20,32 @@ pub struct Record {
 
 type Key = (String, String);
 
+/// The records and how many distinct containers they belong to, kept together so that the
+/// count is O(1): it is read on every Attach and Detach (the `sluice_attached_pods` gauge),
+/// and counting a node's thousands of records each time showed in the agent's profile.
+#[derive(Debug, Default)]
+struct Records {
+    map: BTreeMap<Key, Record>,
+    pods: usize,
+}
+
+impl Records {
+    /// The keys of one container's attachments.
+    fn of<'a>(&'a self, container_id: &'a str) -> impl Iterator<Item = &'a Key> + 'a {
+        self.map
+            .range((container_id.to_owned(), String::new())..)
+            .map(|(k, _)| k)
+            .take_while(move |(id, _)| id == container_id)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Registry {
-    records: Mutex<BTreeMap<Key, Record>>,
+    records: Mutex<Records>,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
         // A panic while holding the lock cannot leave a map half-updated (single insert/remove),
         // so a poisoned lock is still consistent.
         self.records.lock().unwrap_or_else(|p| p.into_inner())
@@ -38,35 +57,49 @@ impl Registry {
             record.attachment.container_id.clone(),
             record.attachment.ifname.clone(),
         );
-        self.lock().insert(key, record);
+        let mut records = self.lock();
+        let new_pod = records.of(&key.0).next().is_none();
+        records.map.insert(key, record);
+        records.pods += usize::from(new_pod);
     }
 
     /// Forgets the attachment on `ifname` of a container; every attachment of the container
     /// when `ifname` is empty. Returns how many were forgotten.
     pub fn remove(&self, container_id: &str, ifname: &str) -> usize {
         let mut records = self.lock();
-        let before = records.len();
-        records.retain(|(id, i), _| id != container_id || !(ifname.is_empty() || i == ifname));
-        before - records.len()
+        let gone: Vec<Key> = records
+            .of(container_id)
+            .filter(|(_, i)| ifname.is_empty() || i == ifname)
+            .cloned()
+            .collect();
+        for key in &gone {
+            records.map.remove(key);
+        }
+        if !gone.is_empty() && records.of(container_id).next().is_none() {
+            records.pods -= 1;
+        }
+        gone.len()
     }
 
     /// Any attachment of the container (they share the pod's annotations and netns), the
     /// first by interface name.
     pub fn get(&self, container_id: &str) -> Option<Record> {
-        self.lock()
-            .range((container_id.to_owned(), String::new())..)
-            .next()
-            .filter(|((id, _), _)| id == container_id)
-            .map(|(_, r)| r.clone())
+        let records = self.lock();
+        let key = records.of(container_id).next()?;
+        records.map.get(key).cloned()
     }
 
     pub fn list(&self) -> Vec<Attachment> {
-        self.lock().values().map(|r| r.attachment.clone()).collect()
+        self.lock()
+            .map
+            .values()
+            .map(|r| r.attachment.clone())
+            .collect()
     }
 
     /// Attachments recorded, one per (container, interface).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,10 +108,7 @@ impl Registry {
 
     /// Pods (containers) with at least one attachment.
     pub fn pods(&self) -> usize {
-        let records = self.lock();
-        let mut ids: Vec<&str> = records.keys().map(|(id, _)| id.as_str()).collect();
-        ids.dedup();
-        ids.len()
+        self.lock().pods
     }
 }
 
@@ -123,5 +153,9 @@ mod tests {
             "an empty ifname forgets the container"
         );
         assert_eq!((r.len(), r.pods()), (1, 1));
+        assert_eq!(r.remove("ab", "eth0"), 1);
+        assert_eq!((r.len(), r.pods()), (0, 0));
+        assert_eq!(r.remove("ab", ""), 0);
+        assert_eq!(r.pods(), 0);
     }
 }

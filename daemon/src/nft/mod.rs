@@ -317,9 +317,18 @@ fn socket() -> Result<mnl::Socket, NftError> {
     Ok(socket)
 }
 
+/// A buffer for dump answers, which the kernel packs into datagrams as large as the reader's
+/// buffer allows.
 fn recv_buffer() -> Vec<u8> {
     // malloc'd buffers of this size are 16-byte aligned, as mnl requires for nlmsghdr.
     vec![0u8; nftnl::nft_nlmsg_maxsize() as usize]
+}
+
+/// A buffer for a batch's answers: each ACK or error is a datagram of its own, a few dozen
+/// bytes with NETLINK_CAP_ACK (libmnl's MNL_SOCKET_BUFFER_SIZE), so the 64 KiB a dump needs is
+/// not allocated and zeroed on every attach.
+fn ack_buffer() -> Vec<u8> {
+    vec![0u8; 8192]
 }
 
 /// Bytes the kernel keeps out of `SO_SNDBUF` for its own accounting: netlink refuses a
@@ -408,7 +417,7 @@ fn wait_for_ack(
     limit: Duration,
 ) -> Result<bool, NftError> {
     let deadline = Instant::now() + limit;
-    let mut buffer = recv_buffer();
+    let mut buffer = ack_buffer();
     while Instant::now() < deadline {
         let n = match socket.recv_raw(&mut buffer[..]) {
             Ok(n) => n,
