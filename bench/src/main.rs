@@ -103,45 +103,46 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| eprintln!("plugin RSS probe failed: {e:#}"))
         .ok();
 
-    // 1. Every method at concurrency 1.
-    let mut methods = Vec::new();
-    for method in ALL
+    // 1. Every method at concurrency 1, interleaved sample by sample.
+    let selected: Vec<Method> = ALL
         .into_iter()
         .filter(|m| args.only.is_empty() || args.only.iter().any(|o| o == m.id()))
-    {
-        let pb = bar(warmup + samples, method.id());
-        let result = measure(&mut runner, method, warmup, samples, &pb);
-        pb.finish();
-        methods.push(match result {
-            Ok(durations) => {
-                all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
-                    sweep: "method",
-                    method: method.id().to_owned(),
-                    concurrency: 1,
-                    pods: 0,
-                    index: i,
-                    ms: d.as_secs_f64() * 1e3,
-                }));
-                MethodResult {
-                    id: method.id().to_owned(),
-                    description: method.describe().to_owned(),
-                    skipped: None,
-                    summary: summarize(&durations),
-                    ratio_p50: None,
-                    ratio_p99: None,
-                }
-            }
-            // Only the init container may be skipped, and only because runc or busybox is
-            // absent; any other failure is a broken benchmark and fails the run.
-            Err(e) if method == Method::InitContainer && runner.init.is_err() => MethodResult {
+        .collect();
+    // Only the init container may be skipped, and only because runc or busybox is absent; any
+    // other failure is a broken benchmark and fails the run.
+    let skipped = |m: &Method| *m == Method::InitContainer && runner.init.is_err();
+    let active: Vec<Method> = selected.iter().copied().filter(|m| !skipped(m)).collect();
+    let pb = bar((warmup + samples) * active.len(), "methods, interleaved");
+    let mut measured = measure(&mut runner, &active, warmup, samples, &pb)?;
+    pb.finish();
+    let mut methods = Vec::new();
+    for method in selected {
+        let Some(durations) = measured.remove(&method) else {
+            methods.push(MethodResult {
                 id: method.id().to_owned(),
                 description: method.describe().to_owned(),
-                skipped: Some(format!("{e:#}")),
+                skipped: runner.init.as_ref().err().map(|e| format!("{e:#}")),
                 summary: None,
                 ratio_p50: None,
                 ratio_p99: None,
-            },
-            Err(e) => return Err(e.context(format!("method {} failed", method.id()))),
+            });
+            continue;
+        };
+        all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
+            sweep: "method",
+            method: method.id().to_owned(),
+            concurrency: 1,
+            pods: 0,
+            index: i,
+            ms: d.as_secs_f64() * 1e3,
+        }));
+        methods.push(MethodResult {
+            id: method.id().to_owned(),
+            description: method.describe().to_owned(),
+            skipped: None,
+            summary: summarize(&durations),
+            ratio_p50: None,
+            ratio_p99: None,
         });
     }
     let base = methods.first().and_then(|m| m.summary);
@@ -241,7 +242,9 @@ fn main() -> anyhow::Result<()> {
             rss.agent_kib_1000 = runner.agent.rss_kib().ok();
         }
         let pb = bar(warmup + pop_samples, &format!("e2e with {pods} pods"));
-        let durations = measure(&mut runner, Method::SluiceE2e, warmup, pop_samples, &pb)?;
+        let durations = measure(&mut runner, &[Method::SluiceE2e], warmup, pop_samples, &pb)?
+            .remove(&Method::SluiceE2e)
+            .unwrap_or_default();
         pb.finish();
         all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
             sweep: "population",
@@ -293,30 +296,40 @@ fn main() -> anyhow::Result<()> {
 
 /// Warm-up + timed samples of one method, each on a fresh netns. The first sample is
 /// verified to have really installed the rules.
+/// Every method `warmup + n` times, each sample into a fresh netns, interleaved: round `i`
+/// runs one sample of every method, starting one method further each round. Whatever the
+/// machine does meanwhile (the kernel tearing down the namespaces of earlier samples, a
+/// neighbour on the host) falls on every method alike, instead of on whichever method's block
+/// it coincided with. Each method's first sample is verified.
 fn measure(
     runner: &mut Runner,
-    method: Method,
+    methods: &[Method],
     warmup: usize,
     n: usize,
     pb: &ProgressBar,
-) -> anyhow::Result<Vec<Duration>> {
-    if method == Method::InitContainer
-        && let Err(why) = &runner.init
-    {
-        anyhow::bail!("{why}");
-    }
-    let mut out = Vec::with_capacity(n);
+) -> anyhow::Result<std::collections::HashMap<Method, Vec<Duration>>> {
+    let mut out: std::collections::HashMap<Method, Vec<Duration>> = methods
+        .iter()
+        .map(|m| (*m, Vec::with_capacity(n)))
+        .collect();
     for i in 0..warmup + n {
-        let ns = Netns::new(&ns_name(method.id(), i))?;
-        let took = runner.apply(method, &ns)?;
-        if i == 0 {
-            runner.verify(method, &ns)?;
+        for k in 0..methods.len() {
+            let method = methods[(i + k) % methods.len()];
+            let ns = Netns::new(&ns_name(method.id(), i))?;
+            let took = runner
+                .apply(method, &ns)
+                .with_context(|| format!("method {} failed", method.id()))?;
+            if i == 0 {
+                runner
+                    .verify(method, &ns)
+                    .with_context(|| format!("method {} did not program the pod", method.id()))?;
+            }
+            if i >= warmup {
+                out.entry(method).or_default().push(took);
+            }
+            drop(ns);
+            pb.inc(1);
         }
-        if i >= warmup {
-            out.push(took);
-        }
-        drop(ns);
-        pb.inc(1);
     }
     Ok(out)
 }

@@ -17,7 +17,7 @@ pub const ISTIO_IPT: &str = include_str!("../rules/istio-default.ipt");
 /// The same pod in Istio's native nftables form (`nft -f`).
 pub const ISTIO_NFT: &str = include_str!("../rules/istio-default.nft");
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {
     SluiceE2e,
     SluiceRpc,

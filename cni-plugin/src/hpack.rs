@@ -162,7 +162,8 @@ fn tree() -> Vec<[u16; 2]> {
 /// Decodes a Huffman-coded string: padding must be the most significant bits of EOS (all
 /// ones) and shorter than a byte; EOS itself is an error.
 fn huffman(src: &[u8]) -> Result<Vec<u8>, HpackError> {
-    let nodes = tree();
+    static TREE: std::sync::OnceLock<Vec<[u16; 2]>> = std::sync::OnceLock::new();
+    let nodes = TREE.get_or_init(tree);
     let mut out = Vec::with_capacity(src.len() * 8 / 5);
     let (mut node, mut depth, mut all_ones) = (0usize, 0u32, true);
     for byte in src {
