@@ -62,6 +62,8 @@ enum Probe {
 }
 
 const CONCURRENCY: [usize; 3] = [1, 8, 32];
+/// Rounds of the method comparison (each method's samples in this many blocks).
+const ROUNDS: usize = 5;
 const POPULATION: [usize; 3] = [0, 100, 1000];
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -103,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| eprintln!("plugin RSS probe failed: {e:#}"))
         .ok();
 
-    // 1. Every method at concurrency 1, interleaved sample by sample.
+    // 1. Every method at concurrency 1, in rotating blocks.
     let selected: Vec<Method> = ALL
         .into_iter()
         .filter(|m| args.only.is_empty() || args.only.iter().any(|o| o == m.id()))
@@ -112,8 +114,12 @@ fn main() -> anyhow::Result<()> {
     // other failure is a broken benchmark and fails the run.
     let skipped = |m: &Method| *m == Method::InitContainer && runner.init.is_err();
     let active: Vec<Method> = selected.iter().copied().filter(|m| !skipped(m)).collect();
-    let pb = bar((warmup + samples) * active.len(), "methods, interleaved");
-    let mut measured = measure(&mut runner, &active, warmup, samples, &pb)?;
+    let method_rounds = if args.quick { 1 } else { ROUNDS };
+    let pb = bar(
+        (warmup * method_rounds + samples) * active.len(),
+        "methods, rotating blocks",
+    );
+    let mut measured = measure(&mut runner, &active, warmup, samples, method_rounds, &pb)?;
     pb.finish();
     let mut methods = Vec::new();
     for method in selected {
@@ -242,7 +248,7 @@ fn main() -> anyhow::Result<()> {
             rss.agent_kib_1000 = runner.agent.rss_kib().ok();
         }
         let pb = bar(warmup + pop_samples, &format!("e2e with {pods} pods"));
-        let durations = measure(&mut runner, &[Method::SluiceE2e], warmup, pop_samples, &pb)?
+        let durations = measure(&mut runner, &[Method::SluiceE2e], warmup, pop_samples, 1, &pb)?
             .remove(&Method::SluiceE2e)
             .unwrap_or_default();
         pb.finish();
@@ -296,39 +302,46 @@ fn main() -> anyhow::Result<()> {
 
 /// Warm-up + timed samples of one method, each on a fresh netns. The first sample is
 /// verified to have really installed the rules.
-/// Every method `warmup + n` times, each sample into a fresh netns, interleaved: round `i`
-/// runs one sample of every method, starting one method further each round. Whatever the
-/// machine does meanwhile (the kernel tearing down the namespaces of earlier samples, a
-/// neighbour on the host) falls on every method alike, instead of on whichever method's block
-/// it coincided with. Each method's first sample is verified.
+/// `n` samples of every method, each into a fresh netns, in `rounds` rounds: a round takes a
+/// block of `n / rounds` samples of each method in turn, preceded by `warmup` untimed ones,
+/// starting one method further each round. Drift in the machine's state over the run (a
+/// neighbour on the host, memory) then falls on every method, as it would not if each were
+/// measured once, one after the other; blocks keep a method's samples from following another
+/// method's (an init container's teardown runs on for milliseconds after it exits, and the
+/// warm-up absorbs it). Each method's first sample is verified.
 fn measure(
     runner: &mut Runner,
     methods: &[Method],
     warmup: usize,
     n: usize,
+    rounds: usize,
     pb: &ProgressBar,
 ) -> anyhow::Result<std::collections::HashMap<Method, Vec<Duration>>> {
     let mut out: std::collections::HashMap<Method, Vec<Duration>> = methods
         .iter()
         .map(|m| (*m, Vec::with_capacity(n)))
         .collect();
-    for i in 0..warmup + n {
+    let rounds = rounds.clamp(1, n.max(1));
+    for round in 0..rounds {
+        let block = n / rounds + usize::from(round < n % rounds);
         for k in 0..methods.len() {
-            let method = methods[(i + k) % methods.len()];
-            let ns = Netns::new(&ns_name(method.id(), i))?;
-            let took = runner
-                .apply(method, &ns)
-                .with_context(|| format!("method {} failed", method.id()))?;
-            if i == 0 {
-                runner
-                    .verify(method, &ns)
-                    .with_context(|| format!("method {} did not program the pod", method.id()))?;
+            let method = methods[(round + k) % methods.len()];
+            for i in 0..warmup + block {
+                let ns = Netns::new(&ns_name(method.id(), round * (warmup + n) + i))?;
+                let took = runner
+                    .apply(method, &ns)
+                    .with_context(|| format!("method {} failed", method.id()))?;
+                if round == 0 && i == 0 {
+                    runner.verify(method, &ns).with_context(|| {
+                        format!("method {} did not program the pod", method.id())
+                    })?;
+                }
+                if i >= warmup {
+                    out.entry(method).or_default().push(took);
+                }
+                drop(ns);
+                pb.inc(1);
             }
-            if i >= warmup {
-                out.entry(method).or_default().push(took);
-            }
-            drop(ns);
-            pb.inc(1);
         }
     }
     Ok(out)
