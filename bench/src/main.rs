@@ -151,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             ratio_p99: None,
         });
     }
+    runner.detach_gone()?;
     let base = methods.first().and_then(|m| m.summary);
     for m in &mut methods {
         if let (Some(b), Some(s)) = (base, m.summary) {
@@ -175,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             pb.inc(1);
         }
         pb.finish();
+        runner.detach_gone()?;
         breakdown = Some(breakdown::summarize(&marks));
     }
 
@@ -187,6 +189,7 @@ fn main() -> anyhow::Result<()> {
     {
         for c in CONCURRENCY {
             let (durations, wall) = parallel(&runner, method, c, rounds)?;
+            runner.detach_gone()?;
             all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
                 sweep: "concurrency",
                 method: method.id().to_owned(),
@@ -248,10 +251,18 @@ fn main() -> anyhow::Result<()> {
             rss.agent_kib_1000 = runner.agent.rss_kib().ok();
         }
         let pb = bar(warmup + pop_samples, &format!("e2e with {pods} pods"));
-        let durations = measure(&mut runner, &[Method::SluiceE2e], warmup, pop_samples, 1, &pb)?
-            .remove(&Method::SluiceE2e)
-            .unwrap_or_default();
+        let durations = measure(
+            &mut runner,
+            &[Method::SluiceE2e],
+            warmup,
+            pop_samples,
+            1,
+            &pb,
+        )?
+        .remove(&Method::SluiceE2e)
+        .unwrap_or_default();
         pb.finish();
+        runner.detach_gone()?;
         all_samples.extend(durations.iter().enumerate().map(|(i, d)| Sample {
             sweep: "population",
             method: Method::SluiceE2e.id().to_owned(),

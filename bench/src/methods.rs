@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use sluice_proto::v1::AttachRequest;
 use sluice_proto::v1::agent_client::AgentClient;
+use sluice_proto::v1::{AttachRequest, DetachRequest, ListRequest};
 use tonic::transport::Channel;
 
 use crate::env::{Agent, Netns, run_with_stdin};
@@ -279,6 +279,31 @@ impl Runner {
 
     pub fn stdin(&self) -> &str {
         &self.stdin
+    }
+
+    /// Detaches every attachment whose netns is gone (untimed), as the runtime's DEL does when
+    /// a pod is removed: the bench deletes each sample's namespace, and without this the
+    /// agent would carry thousands of records of pods that no longer exist, so its memory
+    /// "with 1,000 pods attached" would not be that.
+    pub fn detach_gone(&mut self) -> anyhow::Result<usize> {
+        let list = self
+            .rt
+            .block_on(self.client.list(ListRequest {}))?
+            .into_inner();
+        let mut detached = 0;
+        for a in list.attachments {
+            if std::path::Path::new(&a.netns).exists() {
+                continue;
+            }
+            let request = DetachRequest {
+                container_id: a.container_id,
+                netns: String::new(),
+                ifname: a.ifname,
+            };
+            self.rt.block_on(self.client.detach(request))?;
+            detached += 1;
+        }
+        Ok(detached)
     }
 
     /// Checks that `method` really left the capture rules in `ns` (run once per method on an
