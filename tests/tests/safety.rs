@@ -145,3 +145,89 @@ fn sh_out(args: &[&str]) -> Vec<u8> {
         .expect("run")
         .stdout
 }
+
+/// The agent's netns workers are long-lived threads that enter a pod's namespace per job: every
+/// job runs in its pod's namespace whatever ran on that thread before, a job that panics
+/// inside a namespace is an error for its caller only, and no thread is ever left in a pod's
+/// namespace (each returns to the agent's own, which a job that does not enter one sees).
+#[test]
+fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
+    require_root();
+    use std::os::unix::fs::MetadataExt;
+    let inode = || {
+        std::fs::metadata("/proc/thread-self/ns/net")
+            .map(|m| m.ino())
+            .expect("own netns")
+    };
+    let host = inode();
+    let pods: Vec<Netns> = (0..3)
+        .map(|i| Netns::new(&format!("sl-pool-{i}")))
+        .collect();
+    let want: Vec<u64> = pods
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p.path())
+                .map(|m| m.ino())
+                .expect("pod netns")
+        })
+        .collect();
+    let policy =
+        sluice::netns::Policy::new(vec![sluice::netns::Root::Dir("/var/run/netns".into())])
+            .expect("policy");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        // More jobs at once than there are workers, spread over three pods.
+        let jobs: Vec<_> = (0..48)
+            .map(|i| {
+                let ns = policy.open(&pods[i % 3].path()).expect("open");
+                tokio::spawn(async move { (i, ns.run(inode).await.expect("job")) })
+            })
+            .collect();
+        for job in jobs {
+            let (i, seen) = job.await.expect("task");
+            assert_eq!(seen, want[i % 3], "job {i} ran in the wrong namespace");
+        }
+        let ns = policy.open(&pods[0].path()).expect("open");
+        let panicked = ns
+            .run(|| -> u64 { panic!("a job that fails inside the pod") })
+            .await;
+        assert!(
+            panicked.is_err(),
+            "a panicking job is an error: {panicked:?}"
+        );
+        for i in 0..16 {
+            let ns = policy.open(&pods[i % 3].path()).expect("open");
+            assert_eq!(ns.run(inode).await.expect("after a panic"), want[i % 3]);
+        }
+    });
+    assert_eq!(inode(), host, "the test thread itself never moved");
+    let workers: Vec<String> = std::fs::read_dir("/proc/thread-self/..")
+        .expect("tasks")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|c| c.trim() == "sluice-netns")
+        .collect();
+    assert!(
+        !workers.is_empty() && workers.len() <= 8,
+        "{} netns workers",
+        workers.len()
+    );
+    // Every worker, idle now, is back in the test process's own namespace.
+    for t in std::fs::read_dir("/proc/thread-self/..")
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "sluice-netns" {
+            let ns = std::fs::metadata(t.path().join("ns/net")).map(|m| m.ino());
+            assert_eq!(
+                ns.ok(),
+                Some(host),
+                "an idle netns worker is outside the host namespace"
+            );
+        }
+    }
+}
