@@ -176,6 +176,48 @@ impl Conn<'_> {
     }
 }
 
+/// The request body and what flow control lets this side send of it.
+struct Body<'a> {
+    body: &'a [u8],
+    sent: usize,
+    /// END_STREAM has been sent.
+    done: bool,
+    conn_window: i64,
+    stream_window: i64,
+    /// The peer's SETTINGS_INITIAL_WINDOW_SIZE, which a change of adjusts the stream window by.
+    peer_initial: i64,
+    peer_max_frame: usize,
+}
+
+impl Body<'_> {
+    /// Appends as many DATA frames as the windows and the peer's frame size allow; the last
+    /// carries END_STREAM.
+    fn send(&mut self, out: &mut Vec<u8>) {
+        while !self.done {
+            let window = self.conn_window.min(self.stream_window).max(0) as usize;
+            let n = (self.body.len() - self.sent)
+                .min(window)
+                .min(self.peer_max_frame);
+            if n == 0 && self.sent < self.body.len() {
+                return;
+            }
+            let last = self.sent + n == self.body.len();
+            let flags = if last { END_STREAM } else { 0 };
+            frame(
+                out,
+                DATA,
+                flags,
+                STREAM,
+                &self.body[self.sent..self.sent + n],
+            );
+            self.sent += n;
+            self.conn_window -= n as i64;
+            self.stream_window -= n as i64;
+            self.done = last;
+        }
+    }
+}
+
 /// Sends one request on a fresh connection and reads its response. `headers` are the
 /// request's fields after `:method POST` and `:scheme http`, pseudo-headers first.
 pub fn exchange(
@@ -213,44 +255,16 @@ pub fn exchange(
         ty = CONTINUATION;
     }
 
-    let (mut conn_window, mut stream_window) = (DEFAULT_WINDOW, DEFAULT_WINDOW);
-    let (mut peer_initial, mut peer_max_frame) = (DEFAULT_WINDOW, DEFAULT_MAX_FRAME);
-    let mut sent = 0usize;
-    let mut body_done = false;
-    let send_body = |c: &mut Conn<'_>,
-                     sent: &mut usize,
-                     body_done: &mut bool,
-                     conn_window: &mut i64,
-                     stream_window: &mut i64,
-                     max_frame: usize| {
-        while !*body_done {
-            let window = (*conn_window).min(*stream_window).max(0) as usize;
-            let n = (body.len() - *sent).min(window).min(max_frame);
-            if n == 0 && *sent < body.len() {
-                break;
-            }
-            let last = *sent + n == body.len();
-            frame(
-                &mut c.out,
-                DATA,
-                if last { END_STREAM } else { 0 },
-                STREAM,
-                &body[*sent..*sent + n],
-            );
-            *sent += n;
-            *conn_window -= n as i64;
-            *stream_window -= n as i64;
-            *body_done = last;
-        }
+    let mut body_out = Body {
+        body,
+        sent: 0,
+        done: false,
+        conn_window: DEFAULT_WINDOW,
+        stream_window: DEFAULT_WINDOW,
+        peer_initial: DEFAULT_WINDOW,
+        peer_max_frame: DEFAULT_MAX_FRAME,
     };
-    send_body(
-        &mut c,
-        &mut sent,
-        &mut body_done,
-        &mut conn_window,
-        &mut stream_window,
-        peer_max_frame,
-    );
+    body_out.send(&mut c.out);
     c.flush()?;
 
     let mut decoder = hpack::Decoder::default();
@@ -329,14 +343,14 @@ pub fn exchange(
                             if value > 0x7fff_ffff {
                                 return Err(Http2Error::Protocol("window size over 2^31-1"));
                             }
-                            stream_window += i64::from(value) - peer_initial;
-                            peer_initial = i64::from(value);
+                            body_out.stream_window += i64::from(value) - body_out.peer_initial;
+                            body_out.peer_initial = i64::from(value);
                         }
                         SETTINGS_MAX_FRAME_SIZE => {
                             if !(16_384..=16_777_215).contains(&value) {
                                 return Err(Http2Error::Protocol("bad SETTINGS_MAX_FRAME_SIZE"));
                             }
-                            peer_max_frame = value as usize;
+                            body_out.peer_max_frame = value as usize;
                         }
                         _ => {}
                     }
@@ -348,8 +362,8 @@ pub fn exchange(
             WINDOW_UPDATE => {
                 let increment = i64::from(u32_at(&payload, 0).unwrap_or(0) & 0x7fff_ffff);
                 match stream {
-                    0 => conn_window += increment,
-                    STREAM => stream_window += increment,
+                    0 => body_out.conn_window += increment,
+                    STREAM => body_out.stream_window += increment,
                     _ => {}
                 }
             }
@@ -369,19 +383,12 @@ pub fn exchange(
         if ended {
             return Ok(response);
         }
-        send_body(
-            &mut c,
-            &mut sent,
-            &mut body_done,
-            &mut conn_window,
-            &mut stream_window,
-            peer_max_frame,
-        );
+        body_out.send(&mut c.out);
         // Once the request is out, only control frames (ACKs, credit) are left to write; a
         // peer that has hung up after answering must not turn a complete answer into an
         // error, and an incomplete one shows as `Closed` on the next read.
         if let Err(e) = c.flush() {
-            if !body_done {
+            if !body_out.done {
                 return Err(e);
             }
             c.out.clear();
