@@ -19,13 +19,15 @@ pub const LATEST_VERSION: &str = "1.1.0";
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// Where the agent listens unless the config says otherwise.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/sluice/agent.sock";
-/// How long one call to the agent may take, connect included, unless configured.
-pub const DEFAULT_TIMEOUT_MS: u64 = 2000;
 
 #[derive(Debug, Deserialize)]
 pub struct NetConf {
     #[serde(rename = "cniVersion")]
     pub cni_version: String,
+    /// The network's name (the conflist's `name`, which libcni copies into each plugin's
+    /// config): recorded with each attachment, so GC of one network touches only its own.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
     #[serde(rename = "prevResult")]
     pub prev_result: Option<Box<RawValue>>,
     #[serde(
@@ -47,6 +49,12 @@ pub struct NetConf {
     pub agent_socket: Option<String>,
     #[serde(rename = "timeoutMs")]
     pub timeout_ms: Option<u64>,
+    /// STATUS fails (code 50) while the agent is unreachable or not ready. Off by default:
+    /// a runtime that asks STATUS (containerd 2.x on every CRI `Status`, CRI-O) then marks the
+    /// whole node's network not ready, and kubelet admits no pod at all, annotated or not,
+    /// during every agent restart.
+    #[serde(rename = "statusRequiresAgent", default)]
+    pub status_requires_agent: bool,
 }
 
 /// Real runtimes send `null` where a map or list is empty: containerd sends
@@ -128,7 +136,10 @@ impl NetConf {
     }
 
     pub fn timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS))
+        self.timeout_ms.map_or(
+            sluice_proto::deadlines::PLUGIN_TIMEOUT,
+            std::time::Duration::from_millis,
+        )
     }
 
     /// The pod's addresses from `prevResult.ips[].address`.
@@ -150,17 +161,7 @@ impl NetConf {
     }
 }
 
-/// Whether these pod annotations ask for sluice: `sluice.dev/redirect` with any value but
-/// `disabled` (a typo in the value is then rejected by the agent instead of silently leaving
-/// the pod uncaptured), or a mesh injector's annotation while not explicitly disabled.
-pub fn opted_in<'a>(get: impl Fn(&str) -> Option<&'a str>) -> bool {
-    use sluice_proto::annotations as keys;
-    match get(keys::REDIRECT) {
-        Some("disabled") => false,
-        Some(_) => true,
-        None => keys::PROFILE_TRIGGERS.iter().any(|k| get(k).is_some()),
-    }
-}
+pub use sluice_proto::annotations::opted_in;
 
 /// The answer for a config the strict parse refused, when a lenient look shows the pod did not
 /// opt in: ADD hands `prevResult` on unchanged (or a bare result), DEL and CHECK succeed.
@@ -209,6 +210,43 @@ pub fn pass_through(command: &str, stdin: &[u8]) -> Option<Output> {
         }),
         _ => Output::Nothing,
     })
+}
+
+/// What a DEL whose config the strict parse refused can still use to remove the capture: the
+/// agent's socket and timeout where they are readable (the defaults otherwise), and whether
+/// the pod may have opted in. `None` when stdin is not a JSON object at all.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LenientDel {
+    pub socket: String,
+    pub timeout: std::time::Duration,
+    pub opted_in: bool,
+}
+
+impl LenientDel {
+    pub fn read(stdin: &[u8]) -> Option<Self> {
+        let conf: HashMap<String, serde_json::Value> = serde_json::from_slice(stdin).ok()?;
+        let socket = conf
+            .get("agentSocket")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(DEFAULT_AGENT_SOCKET)
+            .to_owned();
+        let timeout = conf
+            .get("timeoutMs")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(
+                sluice_proto::deadlines::PLUGIN_TIMEOUT,
+                std::time::Duration::from_millis,
+            );
+        // An annotation map sluice cannot read counts as opted in: asking the agent to remove
+        // a capture that is not there costs nothing, leaving one behind could.
+        let opted_in = pass_through("DEL", stdin).is_none();
+        Some(LenientDel {
+            socket,
+            timeout,
+            opted_in,
+        })
+    }
 }
 
 /// What to print on success.

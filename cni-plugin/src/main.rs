@@ -50,6 +50,8 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Output, CniError> {
     }
     let conf = match NetConf::parse(stdin) {
         Ok(conf) => conf,
+        // DEL never fails (see `del_lenient`).
+        Err(e) if env.command == "DEL" => return Ok(del_lenient(env, stdin, &e)),
         // A pod that did not opt in is never failed by sluice, whatever the rest of its config
         // looks like: if the strict parse fails, a lenient look decides whether sluice is
         // asked at all, and if it is not, the config is passed on untouched.
@@ -82,6 +84,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
             pod: pod(env),
             annotations: annotations(conf),
             pod_ips: conf.pod_ips(),
+            network: conf.name.clone(),
         };
         let answer: AttachResponse =
             agent::call(conf.socket(), conf.timeout(), "Attach", &request)?;
@@ -94,24 +97,57 @@ fn add(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
 }
 
 /// DEL: best effort and always successful. The rules live in the pod's netns and die with it,
-/// so an unreachable agent or a vanished netns must not block pod teardown.
+/// so an unreachable agent or a vanished netns must not block pod teardown: a DEL that fails
+/// leaves the pod Terminating while the runtime retries, and its IP leaked.
 fn del(env: &Env, conf: &NetConf) -> Output {
-    if wants_capture(conf) && !env.container_id.is_empty() {
-        let request = DetachRequest {
-            container_id: env.container_id.clone(),
-            netns: env.netns.clone(),
-            ifname: env.ifname.clone(),
-        };
-        if let Err(e) =
-            agent::call::<_, DetachResponse>(conf.socket(), conf.timeout(), "Detach", &request)
-        {
+    if wants_capture(conf) {
+        detach(env, conf.socket(), conf.timeout());
+    }
+    Output::Nothing
+}
+
+/// DEL with a config the strict parse refused (an unknown `cniVersion`, a field of the wrong
+/// type): still exit 0, and still remove the capture when the pod may have one, reaching the
+/// agent where the config says if that is readable, else at the defaults. What could not be
+/// done goes to stderr (the runtime's log).
+fn del_lenient(env: &Env, stdin: &[u8], refused: &CniError) -> Output {
+    match conf::LenientDel::read(stdin) {
+        Some(d) if d.opted_in => {
             eprintln!(
-                "sluice-cni: DEL of {} continues without the agent: {}",
-                env.container_id, e.msg
+                "sluice-cni: DEL of {} with a config sluice does not accept ({}: {}); removing the capture anyway",
+                env.container_id, refused.msg, refused.details
+            );
+            detach(env, &d.socket, d.timeout);
+        }
+        Some(_) => {}
+        None => {
+            eprintln!(
+                "sluice-cni: DEL of {}: stdin is not a network config ({}); nothing to do, the rules go with the namespace",
+                env.container_id, refused.msg
             );
         }
     }
     Output::Nothing
+}
+
+/// Asks the agent to remove the capture of this attachment; a failure is logged, never
+/// returned.
+fn detach(env: &Env, socket: &str, timeout: std::time::Duration) {
+    if env.container_id.is_empty() {
+        eprintln!("sluice-cni: DEL without CNI_CONTAINERID: nothing to remove");
+        return;
+    }
+    let request = DetachRequest {
+        container_id: env.container_id.clone(),
+        netns: env.netns.clone(),
+        ifname: env.ifname.clone(),
+    };
+    if let Err(e) = agent::call::<_, DetachResponse>(socket, timeout, "Detach", &request) {
+        eprintln!(
+            "sluice-cni: DEL of {} continues without the agent: {}",
+            env.container_id, e.msg
+        );
+    }
 }
 
 /// CHECK: fails when our table is missing or differs from the plan.
@@ -138,8 +174,17 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     }
 }
 
-/// STATUS: whether new pods can be served, which needs the agent.
+/// STATUS: whether the plugin can work. Its config parsed (else the caller got that error), so
+/// it can: pods that did not opt in never need the agent, and an opted-in pod's ADD fails
+/// with code 11 while the agent is away (the runtime retries it until the agent is back). The
+/// agent's own health is told by its readiness probe, metrics and alerts, not by taking the
+/// node's network down: a runtime that asks STATUS marks the whole node not ready on an
+/// error, and kubelet then admits no pod at all. With `statusRequiresAgent` the agent's
+/// readiness is asked too (code 50 while it is unreachable or not ready).
 fn status(conf: &NetConf) -> Result<Output, CniError> {
+    if !conf.status_requires_agent {
+        return Ok(Output::Nothing);
+    }
     let reply: StatusResponse =
         agent::call(conf.socket(), conf.timeout(), "Status", &StatusRequest {})
             .map_err(|e| CniError::new(NOT_AVAILABLE, e.msg))?;
@@ -153,12 +198,16 @@ fn status(conf: &NetConf) -> Result<Output, CniError> {
     }
 }
 
-/// GC (CNI 1.1): detach every attachment the agent knows whose (container, interface) is not
-/// among the runtime's valid attachments (their netns are gone or going). A valid attachment
-/// is never touched, and a stale interface of a pod that is still attached on another keeps
-/// the pod's capture (the agent removes it only with the last attachment). One failed cleanup
-/// does not stop the others; all failures are reported.
+/// GC (CNI 1.1) of this network: detach every attachment the agent knows that was made
+/// through this network (its `name`) and whose (container, interface) is not among the
+/// runtime's valid attachments (their netns are gone or going). The runtime sends GC per
+/// network, listing that network's attachments only, so another network's attachment, or one
+/// whose network is unknown (recorded by an earlier release), is never touched. A valid
+/// attachment is never touched, and a stale interface of a pod that is still attached on
+/// another keeps the pod's capture (the agent removes it only with the last attachment). One
+/// failed cleanup does not stop the others; all failures are reported.
 fn gc(conf: &NetConf) -> Result<Output, CniError> {
+    let network = sluice_proto::network_name(&conf.name);
     let valid: std::collections::HashSet<(&str, &str)> = conf
         .valid_attachments()
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
@@ -167,6 +216,10 @@ fn gc(conf: &NetConf) -> Result<Output, CniError> {
     // container is valid on any interface.
     let valid_ids: std::collections::HashSet<&str> = valid.iter().map(|(id, _)| *id).collect();
     let is_valid = |a: &sluice_proto::v1::Attachment| {
+        if a.network != network {
+            // Not this network's to collect (another network's, or unknown).
+            return true;
+        }
         if a.ifname.is_empty() {
             valid_ids.contains(a.container_id.as_str())
         } else {
@@ -231,6 +284,17 @@ fn main() {
         }
         _ => std::panic::catch_unwind(|| run(&env, &stdin))
             .unwrap_or_else(|_| Err(CniError::new(AGENT_FAILED, "sluice-cni: internal error"))),
+    };
+    // DEL never fails: whatever went wrong is said on stderr, and the runtime goes on.
+    let outcome = match outcome {
+        Err(e) if env.command == "DEL" => {
+            eprintln!(
+                "sluice-cni: DEL of {}: {} {}",
+                env.container_id, e.msg, e.details
+            );
+            Ok(Output::Nothing)
+        }
+        other => other,
     };
     let mut out = std::io::stdout().lock();
     let code = match outcome {

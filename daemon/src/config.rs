@@ -105,6 +105,10 @@ pub struct FileConfig {
     pub repair: Option<crate::reconcile::Repair>,
     /// Seconds between reconcile passes.
     pub reconcile_interval: Option<u64>,
+    /// Sysctls Kubernetes calls unsafe that pods on this node may set (default: none).
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
+    /// Native `sluice.dev/*` overrides apply to mesh pods too (default: false).
+    pub native_overrides_on_mesh_pods: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +177,14 @@ impl FileConfig {
                 message: "reconcile-interval must be at least 1 (seconds)".into(),
             });
         }
+        if let Some(list) = &file.allowed_unsafe_sysctls
+            && let Err(e) = unsafe_sysctls(list.clone())
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                message: format!("allowed-unsafe-sysctls: {e}"),
+            });
+        }
         if let Some(unknown) = file
             .profiles
             .iter()
@@ -233,7 +245,37 @@ impl FileConfig {
             p.istio = v.iter().any(|s| s == "istio");
             p.linkerd = v.iter().any(|s| s == "linkerd");
         }
+        if let Some(v) = self.allowed_unsafe_sysctls {
+            p.allowed_unsafe_sysctls = v;
+        }
+        if let Some(v) = self.native_overrides_on_mesh_pods {
+            p.native_overrides_on_mesh_pods = v;
+        }
     }
+}
+
+/// The node's `allowed-unsafe-sysctls`: each must be a sysctl sluice sets that Kubernetes
+/// calls unsafe (a safe one needs no consent; any other is never set).
+pub fn unsafe_sysctls(list: Vec<String>) -> Result<Vec<String>, String> {
+    use crate::plan::{SYSCTL_ALLOW_LIST, Safety};
+    for name in &list {
+        match SYSCTL_ALLOW_LIST.iter().find(|(n, ..)| n == name) {
+            Some((_, _, Safety::NodeConsent)) => {}
+            Some(_) => return Err(format!("{name} is on Kubernetes' safe list: no consent needed")),
+            None => {
+                let known: Vec<&str> = SYSCTL_ALLOW_LIST
+                    .iter()
+                    .filter(|(_, _, s)| *s == Safety::NodeConsent)
+                    .map(|(n, ..)| *n)
+                    .collect();
+                return Err(format!(
+                    "{name:?} is not a sysctl sluice sets (those needing consent: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(list)
 }
 
 /// A TCP listen address: `ip:port`, `[ipv6]:port`, or an unbracketed IPv6 address followed by

@@ -119,10 +119,6 @@ impl DeviceSetup {
     }
 }
 
-/// The longest one rtnetlink request (or dump) may wait for the kernel. The kernel answers
-/// these synchronously; a longer wait means the answer is not coming, and the netns worker
-/// thread must not be held forever.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(4);
 
 thread_local! {
     /// The rtnetlink runtime of a netns worker thread, built on its first device step and kept
@@ -169,12 +165,15 @@ async fn step<T>(
     request: impl Future<Output = Result<T, rtnetlink::Error>>,
 ) -> Result<T, DeviceError> {
     let what = what.into();
-    match tokio::time::timeout(STEP_TIMEOUT, request).await {
+    // The kernel answers rtnetlink synchronously; no answer within the step's bound (see
+    // `netns::step_timeout`) means none is coming, and the worker must not be held forever.
+    let limit = crate::netns::step_timeout();
+    match tokio::time::timeout(limit, request).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(source)) => Err(DeviceError::Netlink { what, source }),
         Err(_) => Err(DeviceError::Timeout {
             what,
-            timeout: STEP_TIMEOUT,
+            timeout: limit,
         }),
     }
 }

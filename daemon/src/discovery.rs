@@ -2,11 +2,13 @@
 //! API needed, because the runtime already knows every sandbox, the annotations the plugin
 //! saw (CRI passes them through unaltered) and its network namespace.
 //!
-//! `ListPodSandbox` (READY only) gives ids, metadata and annotations; `PodSandboxStatus` with
-//! `verbose` gives the addresses and, in its `info` JSON, the netns path: containerd 1.6/1.7
+//! `ListPodSandbox` (READY only) gives ids, metadata and annotations; only the sandboxes whose
+//! annotations ask for capture are looked at further: `PodSandboxStatus` with `verbose` gives
+//! their addresses and, in its `info` JSON, the netns path: containerd 1.6/1.7
 //! `runtimeSpec.linux.namespaces[type=network].path`, containerd 2.x also
 //! `sandboxMetadata.NetNSPath`, CRI-O `runtimeSpec` too. Host-network sandboxes are left out
-//! (CNI never ran for them). Every call is bounded in time.
+//! (CNI never ran for them). Every call is bounded in time and in size ([`MAX_MESSAGE`]); one
+//! sandbox whose status cannot be read is reported and skipped, never the end of the pass.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,13 @@ pub const DEFAULT_CRI_SOCKET: &str = "/run/containerd/containerd.sock";
 /// The longest one CRI call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest CRI answer read. `ListPodSandbox` carries every READY pod's annotations, and
+/// Kubernetes allows 256 KiB of them per pod: 250 pods at the limit are ~64 MiB. gRPC's
+/// default 4 MiB stops discovery at ~16 such pods. containerd sends at most 16 MiB unless
+/// configured (`grpc.max_send_message_size`), CRI-O 80 MiB by default; this bound is above
+/// both, and the answer is dropped as soon as the pods that ask for capture are picked out.
+pub const MAX_MESSAGE: usize = 128 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
     #[error("connecting to the CRI socket {socket}: {message}")]
@@ -37,6 +46,16 @@ pub enum CriError {
         call: &'static str,
         timeout: Duration,
     },
+}
+
+/// What one listing found: the sandboxes that ask for capture, and the ones whose status could
+/// not be read (each with why). A failure of one sandbox never hides the others.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub sandboxes: Vec<Sandbox>,
+    pub failed: Vec<(String, CriError)>,
+    /// READY sandboxes that do not ask for capture (not looked at further).
+    pub not_asking: usize,
 }
 
 /// One READY pod sandbox with its own network namespace.
@@ -104,13 +123,14 @@ impl Cri {
             .map_err(|e| {
                 connect_err(std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()))
             })?;
-        let client = RuntimeServiceClient::new(channel);
+        let client = RuntimeServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         self.client = Some(client.clone());
         Ok(client)
     }
 
-    /// Every READY sandbox with its own network namespace.
-    pub async fn ready_sandboxes(&mut self) -> Result<Vec<Sandbox>, CriError> {
+    /// Every READY sandbox that asks for capture (see `sluice_proto::annotations::opted_in`),
+    /// with its own network namespace. `Err` only when the runtime cannot be listed at all.
+    pub async fn ready_sandboxes(&mut self) -> Result<Listing, CriError> {
         let result = self.list().await;
         if result.is_err() {
             // Reconnect next time (the runtime may have restarted).
@@ -119,7 +139,7 @@ impl Cri {
         result
     }
 
-    async fn list(&mut self) -> Result<Vec<Sandbox>, CriError> {
+    async fn list(&mut self) -> Result<Listing, CriError> {
         let mut client = self.client().await?;
         let items = bounded(
             "ListPodSandbox",
@@ -134,8 +154,20 @@ impl Cri {
         )
         .await?
         .items;
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
+        let mut listing = Listing::default();
+        // Only the pods that ask for capture are kept (and asked about): the others'
+        // annotations go with the answer.
+        let asking: Vec<_> = items
+            .into_iter()
+            .filter(|item| {
+                let asks = sluice_proto::annotations::opted_in(|k| {
+                    item.annotations.get(k).map(String::as_str)
+                });
+                listing.not_asking += usize::from(!asks);
+                asks
+            })
+            .collect();
+        for item in asking {
             let status = match bounded(
                 "PodSandboxStatus",
                 client.pod_sandbox_status(PodSandboxStatusRequest {
@@ -148,7 +180,10 @@ impl Cri {
                 Ok(s) => s,
                 // Gone between the two calls: not READY any more.
                 Err(CriError::Call { message, .. }) if message.contains("not found") => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    listing.failed.push((item.id, e));
+                    continue;
+                }
             };
             let Some(st) = status.status else { continue };
             if st.state != PodSandboxState::SandboxReady as i32 {
@@ -169,19 +204,19 @@ impl Cri {
                 ips.extend(Some(net.ip).filter(|ip| !ip.is_empty()));
                 ips.extend(net.additional_ips.into_iter().map(|p| p.ip));
             }
-            out.push(Sandbox {
+            listing.sandboxes.push(Sandbox {
                 id: item.id,
                 pod: PodRef {
                     namespace: meta.namespace,
                     name: meta.name,
                     uid: meta.uid,
                 },
-                annotations: st.annotations.into_iter().collect(),
+                annotations: item.annotations.into_iter().collect(),
                 netns: netns_from_info(&status.info),
                 ips,
             });
         }
-        Ok(out)
+        Ok(listing)
     }
 }
 

@@ -28,8 +28,8 @@ pub struct Outcome {
 pub struct AttachOutcome {
     /// `programmed`, `skipped` or `error`.
     pub result: String,
-    /// A fixed set: for `error` `invalid_argument`, `not_found`, `permission_denied`,
-    /// `deadline`, `saturated`, `kernel`; for `skipped` `not_selected`, `opted_out`,
+    /// A fixed set: for `error` `invalid_argument`, `not_found`, `deadline`, `saturated`,
+    /// `unavailable`, `kernel`; for `skipped` `not_selected`, `opted_out`,
     /// `profile_disabled`, `interception_none`; "" for `programmed`.
     pub reason: String,
     /// The CNI error code the runtime saw (`7`, `11`, `101` …); "" unless `error`.
@@ -48,9 +48,9 @@ pub const ATTACH_OUTCOMES: [(&str, &str, &str); 13] = [
     ("error", "invalid_argument", "4"),
     ("error", "not_found", "3"),
     ("error", "not_found", "101"),
-    ("error", "permission_denied", "102"),
     ("error", "deadline", "11"),
     ("error", "saturated", "11"),
+    ("error", "unavailable", "11"),
     ("error", "kernel", "101"),
 ];
 
@@ -83,6 +83,12 @@ pub struct Metrics {
     /// 1 while the agent answers its readiness probe SERVING (install in place, kernel path
     /// working), else 0.
     pub ready: Gauge,
+    /// API calls refused because the caller's uid is not allow-listed (SO_PEERCRED), before
+    /// any verb runs; the plugin answers them with code 102.
+    pub refused_peers: Counter,
+    /// Attaches of mesh pods that carried native `sluice.dev/*` overrides the node does not
+    /// apply to mesh pods, by profile (`istio`, `linkerd`).
+    pub native_overrides_ignored: Family<Profile, Counter>,
     rss_bytes: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,
     /// CPU seconds already added to `cpu_seconds` (it is read as a total from /proc).
@@ -92,6 +98,11 @@ pub struct Metrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Profile {
+    pub profile: String,
 }
 
 impl Default for Metrics {
@@ -118,6 +129,8 @@ impl Metrics {
             uncaptured_pods: Gauge::default(),
             reconcile_passes: Family::default(),
             ready: Gauge::default(),
+            refused_peers: Counter::default(),
+            native_overrides_ignored: Family::default(),
             rss_bytes: Gauge::default(),
             cpu_seconds: Counter::default(),
             cpu_seen: std::sync::Mutex::new(0.0),
@@ -170,6 +183,16 @@ impl Metrics {
             "1 while the agent is ready (install in place, kernel path working)",
             m.ready.clone(),
         );
+        registry.register(
+            "refused_peers",
+            "API calls refused because the caller's uid is not allow-listed",
+            m.refused_peers.clone(),
+        );
+        registry.register(
+            "native_overrides_ignored",
+            "Attaches of mesh pods whose native sluice.dev overrides were not applied, by profile",
+            m.native_overrides_ignored.clone(),
+        );
         let info = Family::<BuildInfo, Gauge>::default();
         info.get_or_create(&BuildInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -199,6 +222,11 @@ impl Metrics {
         for reason in ["missing", "drift"] {
             drop(m.repairs.get_or_create(&Reason {
                 reason: reason.into(),
+            }));
+        }
+        for profile in ["istio", "linkerd"] {
+            drop(m.native_overrides_ignored.get_or_create(&Profile {
+                profile: profile.into(),
             }));
         }
         for result in ["ok", "error"] {
@@ -233,6 +261,14 @@ impl Metrics {
         self.repairs
             .get_or_create(&Reason {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn native_overrides_ignored(&self, profile: crate::plan::Profile) {
+        self.native_overrides_ignored
+            .get_or_create(&Profile {
+                profile: profile.to_string(),
             })
             .inc();
     }

@@ -11,7 +11,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use std::time::{Duration, Instant};
+
 use nix::sched::{CloneFlags, setns};
+use sluice_proto::deadlines;
 use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +41,28 @@ pub enum NetnsError {
         #[source]
         source: nix::Error,
     },
+    /// A netns worker could not be started or reached (threads exhausted): transient.
     #[error("netns worker thread: {0}")]
     Thread(String),
+    /// The work panicked: a bug, not a condition that passes.
+    #[error("the work in the pod's namespace failed unexpectedly: {0}")]
+    Panicked(&'static str),
 }
 
 impl NetnsError {
+    /// The agent ran short of something that comes back (threads, file descriptors, memory):
+    /// the caller should try again, as the runtime does with CNI code 11.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Thread(_) => true,
+            Self::Open { source, .. } => source
+                .raw_os_error()
+                .is_some_and(crate::program::transient_errno),
+            Self::Enter { source, .. } => crate::program::transient_errno(*source as i32),
+            _ => false,
+        }
+    }
+
     /// Whether the error is about the caller's input (the path) rather than the agent.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
@@ -207,9 +227,41 @@ pub struct PodNetns {
     pub id: NsId,
 }
 
+thread_local! {
+    /// When the call a netns worker is working for must be answered; `None` for work without
+    /// a caller's deadline (the start-up probe).
+    static DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The bound on the calling thread's next kernel step (one netlink answer): the time left of
+/// its job's deadline less a margin, never more than [`deadlines::KERNEL_STEP`], so a step
+/// that gets no answer is reported, naming the step, before the call's deadline passes.
+pub fn step_timeout() -> Duration {
+    match DEADLINE.with(std::cell::Cell::get) {
+        Some(d) => deadlines::kernel_step(d.saturating_duration_since(Instant::now())),
+        None => deadlines::KERNEL_STEP,
+    }
+}
+
+/// Sets the thread's deadline for the duration of a job.
+struct Until(Option<Instant>);
+
+impl Until {
+    fn set(deadline: Option<Instant>) -> Self {
+        Until(DEADLINE.with(|d| d.replace(deadline)))
+    }
+}
+
+impl Drop for Until {
+    fn drop(&mut self) {
+        DEADLINE.with(|d| d.set(self.0));
+    }
+}
+
 impl PodNetns {
-    /// Runs `f` on a netns worker thread inside this namespace and returns its result.
-    pub async fn run<T, F>(self, f: F) -> Result<T, NetnsError>
+    /// Runs `f` on a netns worker thread inside this namespace and returns its result. Every
+    /// kernel step `f` takes is bounded by [`step_timeout`] against `deadline`.
+    pub async fn run<T, F>(self, deadline: Instant, f: F) -> Result<T, NetnsError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -218,9 +270,10 @@ impl PodNetns {
         workers().submit(Box::new(move |home: &OwnedFd| {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let _guard = Entered::enter(&self, home)?;
+                let _until = Until::set(Some(deadline));
                 Ok(f())
             }))
-            .unwrap_or_else(|_| Err(NetnsError::Thread("the work panicked".into())));
+            .unwrap_or_else(|_| Err(NetnsError::Panicked("it panicked")));
             let _ = tx.send(result);
         }))?;
         rx.await
@@ -337,7 +390,7 @@ where
         })
         .map_err(|e| NetnsError::Thread(e.to_string()))?
         .join()
-        .map_err(|_| NetnsError::Thread("probe thread panicked".into()))?
+        .map_err(|_| NetnsError::Panicked("the probe panicked"))?
 }
 
 /// Switches the thread back to its own namespace on drop.

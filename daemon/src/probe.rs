@@ -6,7 +6,8 @@
 //!
 //! Kernel behaviour sluice depends on, and since when upstream Linux has it:
 //! - nf_tables nat chains with `redirect`, `meta skuid/skgid`, `ct` (4.18): every REDIRECT plan;
-//! - table comments (`NFTA_TABLE_USERDATA`, 5.13): the owner metadata Check reads back;
+//! - rule comments (rule userdata, 3.15): the owner metadata Check and the reconciler read
+//!   back (in the table's `owner` chain; table comments would need 5.13);
 //! - address protocol tags (`IFA_PROTO`, 6.1): how Detach finds the `::6` it added to `lo`;
 //! - `tproxy` and `socket` expressions (4.19): TPROXY plans only;
 //! - ACK of the batch-end message (6.10): reported only; sluice never relies on it (see
@@ -16,9 +17,9 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use crate::netns;
-use crate::plan::{self, Decision, PlanDefaults};
-use crate::program;
-use crate::ruleset::{Owner, Ruleset};
+use crate::plan::{self, Families, PlanDefaults};
+use crate::program::{self, Want};
+use crate::ruleset::{Attached, Ruleset};
 use crate::{device, nft};
 
 /// What the probe found. `Err` carries the kernel's own error, for the log.
@@ -51,7 +52,7 @@ impl KernelFeatures {
             })
         };
         need("the nf_tables REDIRECT path", &self.redirect)?;
-        need("exact nftables read-back (table comments)", &self.read_back)?;
+        need("exact nftables read-back (rules and their comments)", &self.read_back)?;
         need("address protocol tags (IFA_PROTO)", &self.address_protocol)
     }
 
@@ -107,19 +108,29 @@ pub fn get() -> Option<&'static Result<KernelFeatures, String>> {
     FEATURES.get()
 }
 
-fn plan_for(annotations: &[(&str, &str)]) -> Result<(plan::RedirectPlan, Ruleset), String> {
-    let ann: BTreeMap<String, String> = annotations
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    // No pod addresses: both families, as for a pod whose prevResult has none.
-    match plan::decide(&ann, &[], &PlanDefaults::default()).map_err(|e| e.to_string())? {
-        Decision::Capture { plan, .. } => {
-            let rs = Ruleset::from_plan(&plan, Owner::new(&plan.fingerprint(), "probe", "probe"));
-            Ok((plan, rs))
-        }
-        Decision::Skip { reason } => Err(reason),
+/// The probe's pod: these annotations, one attachment without addresses (both families, as
+/// for a pod whose prevResult has none).
+fn want(annotations: &[(&str, &str)]) -> Want {
+    Want {
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<String, String>>(),
+        defaults: PlanDefaults::default(),
+        pod_uid: "probe".into(),
+        container_id: "probe".into(),
     }
+}
+
+fn probe_attachment() -> Attached {
+    Attached::new("eth0", "probe", Families::NONE)
+}
+
+/// Attaches the probe's pod; the table it programmed.
+fn attach(want: &Want) -> Result<Ruleset, String> {
+    program::attach(want, probe_attachment(), &[], 0, None)
+        .map(|done| done.planned.ruleset)
+        .map_err(|e| e.to_string())
 }
 
 /// Whether `lo` in the calling thread's namespace holds `::6` (from /proc, which follows the
@@ -140,10 +151,10 @@ fn probe_here() -> KernelFeatures {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let istio = plan_for(&[
+    let istio = attach(&want(&[
         (plan::REDIRECT, "enabled"),
         (sluice_proto::annotations::ISTIO_STATUS, "{}"),
-    ]);
+    ]));
     let mut f = KernelFeatures {
         release,
         redirect: Err("not tried".into()),
@@ -152,13 +163,11 @@ fn probe_here() -> KernelFeatures {
         tproxy: Err("not tried".into()),
         batch_end_ack: Err("not tried".into()),
     };
+    f.redirect = istio.as_ref().map(drop).map_err(Clone::clone);
     match istio {
-        Err(e) => f.redirect = Err(format!("the probe's plan: {e}")),
-        Ok((plan, rs)) => {
-            f.redirect = program::attach(&rs, &plan, None)
-                .map(drop)
-                .map_err(|e| e.to_string());
-            if f.redirect.is_ok() {
+        Err(_) => {}
+        Ok(rs) => {
+            {
                 f.read_back = match nft::read() {
                     Ok(live) => {
                         let drift = nft::diff(&nft::expected(&rs), live.as_ref());
@@ -187,9 +196,12 @@ fn probe_here() -> KernelFeatures {
             }
         }
     }
-    f.tproxy = plan_for(&[(plan::REDIRECT, "enabled"), ("sluice.dev/mode", "tproxy")]).and_then(
-        |(plan, rs)| {
-            program::attach(&rs, &plan, None).map_err(|e| e.to_string())?;
+    f.tproxy = attach(&want(&[
+        (plan::REDIRECT, "enabled"),
+        ("sluice.dev/mode", "tproxy"),
+    ]))
+    .and_then(
+        |_| {
             program::detach().map_err(|e| e.to_string())?;
             // The policy routing must be gone too.
             match device::teardown() {

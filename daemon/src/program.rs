@@ -1,16 +1,24 @@
 //! The kernel-facing steps of Attach/Detach/Check, run inside a pod's namespace on a netns
 //! worker thread: one nftables batch plus device setup, with rollback, so a pod ends up either
-//! fully programmed or untouched.
+//! fully programmed or as it was.
+//!
+//! The plan is made here, from what the pod asks for ([`Want`]) and the attachments the kernel
+//! counts (the table's owner): a pod attached on several networks is captured for the address
+//! families of all its attachments together, whatever order their ADDs come in and whether or
+//! not the agent remembers the earlier ones.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::device::{self, DeviceError, DeviceSetup};
 use crate::nft::{self, LiveTable, NftError};
-use crate::plan::RedirectPlan;
-use crate::ruleset::Ruleset;
+use crate::plan::{self, Decision, PlanDefaults, PlanError, Profile, RedirectPlan};
+use crate::ruleset::{Attached, Owner, Ruleset};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error(transparent)]
     Nft(#[from] NftError),
     #[error("{0} (rolled back)")]
@@ -26,96 +34,262 @@ pub enum ProgramError {
 impl ProgramError {
     /// The kernel did not answer in time: the caller should report "try again later".
     pub fn is_timeout(&self) -> bool {
-        matches!(
-            self,
-            ProgramError::Nft(NftError::Timeout { .. })
-                | ProgramError::Device(DeviceError::Timeout { .. })
-                | ProgramError::Teardown(DeviceError::Timeout { .. })
-                | ProgramError::Inspect(DeviceError::Timeout { .. })
-                | ProgramError::Repair(DeviceError::Timeout { .. })
-        )
+        match self {
+            ProgramError::Nft(e) => matches!(e, NftError::Timeout { .. }),
+            ProgramError::Device(e)
+            | ProgramError::Teardown(e)
+            | ProgramError::Inspect(e)
+            | ProgramError::Repair(e) => matches!(e, DeviceError::Timeout { .. }),
+            ProgramError::Plan(_) => false,
+        }
+    }
+
+    /// The agent ran short of something that comes back (file descriptors, memory, netlink
+    /// buffer space): transient, as a timeout is; the runtime's retry will find it again.
+    pub fn is_transient(&self) -> bool {
+        let io = match self {
+            ProgramError::Nft(
+                NftError::Socket(e) | NftError::Send { source: e, .. } | NftError::Receive(e),
+            )
+            | ProgramError::Nft(NftError::Dump(e)) => Some(e),
+            ProgramError::Device(DeviceError::Connect(e) | DeviceError::Runtime(e))
+            | ProgramError::Inspect(DeviceError::Connect(e) | DeviceError::Runtime(e))
+            | ProgramError::Repair(DeviceError::Connect(e) | DeviceError::Runtime(e))
+            | ProgramError::Teardown(DeviceError::Connect(e) | DeviceError::Runtime(e)) => Some(e),
+            _ => None,
+        };
+        self.is_timeout() || io.and_then(std::io::Error::raw_os_error).is_some_and(transient_errno)
     }
 }
 
-/// Applies the ruleset (one atomic batch), then device setup (`lo` up, the IPv6 passthrough
-/// address, TPROXY policy routing, sysctls). What a failure leaves depends on what was there:
-/// - a fresh pod: what device setup added is removed, sysctls already written are restored and
-///   the table is removed again, so the pod is left without capture and the ADD fails (the
-///   runtime then tears the sandbox down);
-/// - a repeated ADD of the same plan (the table's owner says so): nothing is removed, so the
-///   capture that was in place stays in place;
-/// - a different plan replacing an earlier one: `previous` (the earlier plan, when the agent
-///   knows it) is put back, table and device state; without it the pod is left uncaptured as
-///   for a fresh pod, and the ADD fails.
+/// Errnos that say the agent (or the kernel) ran short of a resource that comes back.
+pub fn transient_errno(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN | libc::EINTR
+    )
+}
+
+/// What a pod asks for: its annotations under the node's defaults, and who it is. The plan is
+/// made from it against the pod's attachments ([`Want::plan`]).
+#[derive(Debug, Clone)]
+pub struct Want {
+    pub annotations: BTreeMap<String, String>,
+    pub defaults: PlanDefaults,
+    pub pod_uid: String,
+    pub container_id: String,
+}
+
+/// A plan, its table, and where it came from.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub plan: RedirectPlan,
+    pub profile: Profile,
+    /// Native annotations not applied (see `plan::Decision::Capture`).
+    pub ignored: Vec<String>,
+    pub ruleset: Ruleset,
+}
+
+impl Want {
+    /// The capture for this pod counting `owner`'s attachments: the families of their
+    /// addresses together (both when none has an address). `None` when the pod does not ask
+    /// for capture. A plan over [`plan::MAX_RULES`] is refused, naming the annotation.
+    pub fn plan(&self, mut owner: Owner) -> Result<Option<Planned>, PlanError> {
+        let families = owner.families().or_dual();
+        let (plan, profile, ignored) =
+            match plan::decide_for(&self.annotations, families, &self.defaults)? {
+                Decision::Skip { .. } => return Ok(None),
+                Decision::Capture {
+                    plan,
+                    profile,
+                    ignored,
+                } => (plan, profile, ignored),
+            };
+        owner.fingerprint = plan.fingerprint();
+        let ruleset = Ruleset::from_plan(&plan, owner);
+        if ruleset.rule_count() > plan::MAX_RULES {
+            return Err(plan::too_many_rules(
+                &self.annotations,
+                ruleset.rule_count(),
+            ));
+        }
+        Ok(Some(Planned {
+            plan,
+            profile,
+            ignored,
+            ruleset,
+        }))
+    }
+
+    /// An owner of this pod, stamped `at`, counting `attachments`.
+    pub fn owner(&self, attachments: &[Attached], at: u64) -> Owner {
+        let mut owner = Owner::new("", &self.pod_uid, &self.container_id).at(at);
+        for a in attachments {
+            owner.attach(a.clone());
+        }
+        owner
+    }
+}
+
+/// What [`attach`] did.
+#[derive(Debug, Clone)]
+pub struct Attach {
+    /// The plan programmed (counting every attachment of the pod).
+    pub planned: Planned,
+    /// A table was there before (a re-ADD, or another network's ADD of the same pod).
+    pub replaced: bool,
+    pub timings: Timings,
+}
+
+/// Programs the pod for attachment `this`: the table (one atomic batch), then device setup
+/// (`lo` up, the IPv6 passthrough address, TPROXY policy routing, sysctls), planned over the
+/// attachments the kernel already counts plus `this` (`known`: what the agent recorded, used
+/// when there is no table yet). What a failure leaves depends on what was there:
+/// - no table (a fresh pod): what was added is removed and the sysctls written are restored,
+///   so the pod is left without capture and the ADD fails (the runtime tears the sandbox
+///   down); a batch the kernel did not answer is removed only if the table there is provably
+///   the one this call sent;
+/// - the same plan again, or another network's ADD of a captured pod: the table is swapped
+///   and the device state completed in place; nothing is removed, so the capture in place
+///   stays;
+/// - a different plan for the same attachments: `restore` (what the pod asked for before,
+///   when the agent knows it) is put back — table with its owner as the kernel had it, device
+///   state, sysctls; without it the pod is left uncaptured as a fresh pod, and the ADD fails.
 pub fn attach(
-    rs: &Ruleset,
-    plan: &RedirectPlan,
-    previous: Option<&(Ruleset, RedirectPlan)>,
-) -> Result<Timings, ProgramError> {
+    want: &Want,
+    this: Attached,
+    known: &[Attached],
+    at: u64,
+    restore: Option<&Want>,
+) -> Result<Attach, ProgramError> {
     let start = Instant::now();
-    let applied = nft::apply(rs).inspect_err(|e| {
-        // No answer means the batch may or may not have been committed: remove the table so
-        // the failed ADD leaves nothing behind (best effort, itself bounded in time).
-        if matches!(e, NftError::Timeout { .. })
-            && let Err(rb) = nft::remove()
-        {
-            tracing::error!(error = %rb, "removing the table after an unanswered batch failed");
+    let mut attachments: Vec<Attached> = known
+        .iter()
+        .filter(|a| a.ifname != this.ifname)
+        .cloned()
+        .collect();
+    attachments.push(this.clone());
+    let fresh = want
+        .plan(want.owner(&attachments, at))?
+        .ok_or_else(|| not_asked(want))?;
+    let created = nft::create(&fresh.ruleset).inspect_err(|e| {
+        if matches!(e, NftError::Timeout { .. }) {
+            remove_if_sent(&fresh.ruleset.owner);
         }
     })?;
+    if created {
+        let timings = complete_fresh(&fresh.plan, start)?;
+        return Ok(Attach {
+            planned: fresh,
+            replaced: false,
+            timings,
+        });
+    }
+    // A table is there: count what its owner counts, and ours.
+    let previous = nft::read()?.and_then(|t| t.owner());
+    let ours = previous
+        .as_ref()
+        .filter(|p| p.container() == Owner::new("", "", &want.container_id).container());
+    let mut owner = want.owner(&[], at);
+    for a in ours.into_iter().flat_map(|p| &p.attachments) {
+        owner.attach(a.clone());
+    }
+    if !owner.attach(this.clone()) {
+        tracing::warn!(ifname = %this.ifname, attached = ?owner.ifnames(), "cannot count this interface in the table's owner; its DEL will leave the capture to the others");
+    }
+    let planned = want.plan(owner)?.ok_or_else(|| not_asked(want))?;
+    let same_plan = ours.is_some_and(|p| p.fingerprint == planned.ruleset.owner.fingerprint);
+    // A new interface's ADD of a pod already captured (Multus) only ever adds to its capture.
+    let secondary = ours.is_some_and(|p| {
+        !p.attachments.is_empty() && p.attachments.iter().all(|a| a.ifname != this.ifname)
+    });
+    // An unanswered replace leaves what was there (the capture in place, or ours): never
+    // removed on a timeout.
+    nft::replace(&planned.ruleset)?;
     let nft_done = Instant::now();
     let nft_at_ns = now_ns();
-    let mode = match &applied {
-        nft::Applied::Created => device::Setup::Fresh,
-        nft::Applied::Replaced { previous: Some(o) } if o.fingerprint == rs.owner.fingerprint => {
-            device::Setup::Repair
+    let setup = DeviceSetup::from_plan(&planned.plan);
+    if same_plan || secondary {
+        device::setup(&setup, device::Setup::Repair).map_err(ProgramError::Repair)?;
+        device::write_sysctls(&setup.sysctls).map_err(ProgramError::Repair)?;
+    } else {
+        let result = device::setup(&setup, device::Setup::Replace)
+            .and_then(|()| device::write_sysctls(&setup.sysctls).map(drop));
+        if let Err(e) = result {
+            put_back(restore, ours);
+            return Err(ProgramError::Device(e));
         }
-        nft::Applied::Replaced { .. } => device::Setup::Replace,
-    };
-    let setup = DeviceSetup::from_plan(plan);
-    let result = device::setup(&setup, mode).and_then(|()| {
-        device::write_sysctls(&setup.sysctls)
-            .map(drop)
-            .inspect_err(|_| {
-                if mode != device::Setup::Repair
-                    && let Err(e) = device::teardown()
-                {
-                    tracing::error!(error = %e, "removing device setup after a failed sysctl");
-                }
-            })
-    });
-    if let Err(e) = result {
-        match (mode, &applied, previous) {
-            (device::Setup::Repair, ..) => {}
-            (
-                device::Setup::Replace,
-                nft::Applied::Replaced { previous: Some(o) },
-                Some((prev_rs, prev_plan)),
-            ) if o.fingerprint == prev_rs.owner.fingerprint => {
-                let restored = nft::apply(prev_rs)
-                    .map_err(ProgramError::Nft)
-                    .and_then(|_| {
-                        device::setup(&DeviceSetup::from_plan(prev_plan), device::Setup::Replace)
-                            .map_err(ProgramError::Device)
-                    });
-                if let Err(rb) = restored {
-                    tracing::error!(error = %rb, "restoring the previous capture after a failed re-ADD failed");
-                }
-            }
-            _ => {
-                if let Err(rb) = nft::remove() {
-                    tracing::error!(error = %rb, "rollback after failed device setup also failed");
-                }
-            }
-        }
-        return Err(ProgramError::Device(e));
     }
-    Ok(Timings {
-        replaced: applied != nft::Applied::Created,
-        nft_us: (nft_done - start).as_micros() as u64,
-        device_us: nft_done.elapsed().as_micros() as u64,
-        nft_at_ns,
-        device_at_ns: now_ns(),
+    Ok(Attach {
+        planned,
+        replaced: true,
+        timings: Timings::since(start, nft_done, nft_at_ns),
     })
+}
+
+fn not_asked(want: &Want) -> ProgramError {
+    // The caller decided capture from the same annotations; a skip here means they changed
+    // under it, which they cannot (they are one request's).
+    ProgramError::Plan(PlanError {
+        annotation: String::new(),
+        value: String::new(),
+        reason: format!(
+            "container {}: the pod does not ask for capture",
+            want.container_id
+        ),
+    })
+}
+
+/// After a batch the kernel did not answer: removes the table only if it is provably the one
+/// that batch created (its owner is exactly `sent`), never a capture that was already there.
+pub fn remove_if_sent(sent: &Owner) {
+    match nft::read() {
+        Ok(Some(live)) if live.owner().as_ref() == Some(sent) => {
+            if let Err(e) = nft::remove() {
+                tracing::error!(error = %e, "removing the table after an unanswered batch failed");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "after an unanswered batch the table could not be read; left as it is")
+        }
+    }
+}
+
+/// Puts back the capture a failed plan change replaced: the previous plan (from `restore`,
+/// what the pod asked for before) under the owner the kernel had — its attachments and attach
+/// time — with its device state and sysctls. Without both, the table is removed: the ADD
+/// fails, and the pod is left without capture rather than with half of one.
+fn put_back(restore: Option<&Want>, previous: Option<&Owner>) {
+    let back = restore.zip(previous).and_then(|(want, owner)| {
+        let planned = want.plan(owner.clone()).ok()??;
+        // Only the very plan that was there: another one would not be a restore.
+        (planned.ruleset.owner.fingerprint == owner.fingerprint).then_some(planned)
+    });
+    let Some(planned) = back else {
+        if let Err(e) = device::teardown() {
+            tracing::error!(error = %e, "removing device setup after a failed plan change");
+        }
+        if let Err(e) = nft::remove() {
+            tracing::error!(error = %e, "removing the table after a failed plan change");
+        }
+        return;
+    };
+    let mut ruleset = planned.ruleset;
+    // `plan` stamped its own fingerprint; the owner stays as the kernel had it.
+    ruleset.owner = previous.cloned().unwrap_or(ruleset.owner);
+    let setup = DeviceSetup::from_plan(&planned.plan);
+    let restored = nft::replace(&ruleset)
+        .map_err(ProgramError::Nft)
+        .and_then(|()| device::setup(&setup, device::Setup::Replace).map_err(ProgramError::Device))
+        .and_then(|()| {
+            device::write_sysctls(&setup.sysctls)
+                .map(drop)
+                .map_err(ProgramError::Device)
+        });
+    if let Err(e) = restored {
+        tracing::error!(error = %e, "restoring the previous capture after a failed re-ADD failed");
+    }
 }
 
 /// Repairs a capture that is there but differs from `rs`: the table is replaced in one
@@ -125,31 +299,34 @@ pub fn attach(
 /// step fails, so working capture is never lost to a failed repair (the next pass retries).
 pub fn repair(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
     let start = Instant::now();
-    nft::apply(rs)?;
+    nft::replace(rs)?;
     let nft_done = Instant::now();
     let nft_at_ns = now_ns();
     let setup = DeviceSetup::from_plan(plan);
     device::setup(&setup, device::Setup::Repair).map_err(ProgramError::Repair)?;
     device::write_sysctls(&setup.sysctls).map_err(ProgramError::Repair)?;
-    Ok(Timings {
-        replaced: true,
-        nft_us: (nft_done - start).as_micros() as u64,
-        device_us: nft_done.elapsed().as_micros() as u64,
-        nft_at_ns,
-        device_at_ns: now_ns(),
-    })
+    Ok(Timings::since(start, nft_done, nft_at_ns))
 }
 
 /// Where an attach spent its time inside the pod's namespace (logged per attach).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timings {
-    /// An existing sluice table was atomically replaced (a re-ADD).
-    pub replaced: bool,
     pub nft_us: u64,
     pub device_us: u64,
     /// When the batch was acknowledged and the device setup done ([`now_ns`]).
     pub nft_at_ns: u64,
     pub device_at_ns: u64,
+}
+
+impl Timings {
+    fn since(start: Instant, nft_done: Instant, nft_at_ns: u64) -> Self {
+        Timings {
+            nft_us: (nft_done - start).as_micros() as u64,
+            device_us: nft_done.elapsed().as_micros() as u64,
+            nft_at_ns,
+            device_at_ns: now_ns(),
+        }
+    }
 }
 
 /// Wall-clock nanoseconds since the Unix epoch: stage timestamps a caller on the same host can
@@ -174,68 +351,64 @@ pub enum Detached {
     /// Our table and device state were removed (`false`: there were none).
     Removed(bool),
     /// Other interfaces of the pod are still attached (listed), so the capture was kept.
-    /// `recounted`: the table's owner no longer lists the detached interface.
+    /// `recounted`: the table's owner no longer counts the detached interface.
     Kept {
         attached: Vec<String>,
         recounted: bool,
     },
 }
 
-/// Detach for the attachment on interface `ifname`. The table's owner lists the interfaces
-/// attached with the capture; the capture (table and device state) is removed only when
-/// `ifname` is the last of them, so a secondary network's DEL (Multus) leaves the pod
-/// captured, whatever the order of the DELs. An interface that is not listed (never counted)
-/// changes nothing while others are. An empty `ifname`, or a table that lists none, removes.
+/// Detach for the attachment on interface `ifname`. The table's owner counts the attachments
+/// of the capture; the capture (table and device state) is removed only when `ifname` is the
+/// last of them, so a secondary network's DEL (Multus) leaves the pod captured, whatever the
+/// order of the DELs. An interface that is not counted changes nothing while others are. An
+/// empty `ifname`, or a table that counts none, removes.
 ///
-/// To stop counting `ifname` while others remain, the table is rewritten with a new owner in
-/// one atomic replace, which needs the rules: `current` is the ruleset of the plan the agent
-/// recorded for the pod. When it is absent or its fingerprint is not the live one, the table is
-/// left as it is (the capture stays until the namespace goes) rather than rewritten with rules
-/// that might differ from what is live.
-pub fn detach_for(ifname: &str, current: Option<&Ruleset>) -> Result<Detached, ProgramError> {
-    let owner = if ifname.is_empty() {
-        None
-    } else {
-        nft::read()?.and_then(|t| t.owner())
-    };
-    let Some(owner) = owner.filter(|o| !o.ifnames.is_empty()) else {
+/// The remaining attachments are counted in the table's owner (rewritten alone, in one
+/// transaction). When they bring fewer address families than the table captures and `want`
+/// (what the pod asks for) is known, the capture is narrowed to them in place (as a repair:
+/// nothing torn down first); without `want` it is left as it is, and Check reports the
+/// difference until a re-ADD or the reconciler makes it equal.
+pub fn detach_for(ifname: &str, want: Option<&Want>) -> Result<Detached, ProgramError> {
+    let live = if ifname.is_empty() { None } else { nft::read()? };
+    let Some((live, mut owner)) = live
+        .and_then(|l| l.owner().map(|o| (l, o)))
+        .filter(|(_, o)| !o.attachments.is_empty())
+    else {
         return detach().map(Detached::Removed);
     };
-    let attached: Vec<String> = owner
-        .ifnames
-        .iter()
-        .filter(|i| *i != ifname)
-        .cloned()
-        .collect();
-    if attached.is_empty() {
+    if !owner.detach(ifname) {
+        return Ok(Detached::Kept {
+            attached: owner.ifnames(),
+            recounted: false,
+        });
+    }
+    if owner.attachments.is_empty() {
         return detach().map(Detached::Removed);
     }
-    let counted = attached.len() < owner.ifnames.len();
-    let recounted = match current {
-        Some(rs) if counted && rs.owner.fingerprint == owner.fingerprint => {
-            let mut rs = rs.clone();
-            rs.owner = crate::ruleset::Owner {
-                ifnames: attached.clone(),
-                ..owner
-            };
-            nft::replace(&rs)?;
-            true
+    let narrower = owner.families().or_dual() != live.families();
+    match want.filter(|_| narrower).map(|w| w.plan(owner.clone())) {
+        Some(Ok(Some(planned))) => {
+            repair(&planned.ruleset, &planned.plan)?;
         }
-        _ => false,
-    };
+        _ => {
+            nft::set_owner(&owner)?;
+        }
+    }
     Ok(Detached::Kept {
-        attached,
-        recounted,
+        attached: owner.ifnames(),
+        recounted: true,
     })
 }
 
 /// What [`reconcile`] found, and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Reconciled {
     /// The live table's owner, if there is a table of ours.
-    pub live: Option<crate::ruleset::Owner>,
-    /// The interfaces counted on the desired owner (the live table's, else the given ones).
-    pub ifnames: Vec<String>,
+    pub live: Option<Owner>,
+    /// The plan compared with (counting the live table's attachments); `None` when the pod
+    /// does not ask for capture.
+    pub planned: Option<Planned>,
     /// One line per difference between the namespace and the plan; empty when equal.
     pub drift: Vec<String>,
     /// Whether the table was missing (as opposed to present and different).
@@ -249,50 +422,100 @@ pub struct Reconciled {
 pub enum Act {
     /// Report only (Check; the reconciler in report mode).
     Diff,
-    /// Repair through [`attach`] when there is a difference (the reconciler).
+    /// Repair when there is a difference (the reconciler).
     Repair,
 }
 
 /// The one comparison of a pod's namespace with its plan, shared by Check and the reconciler:
 /// the table (ownership and rules; see `nft::diff`), then the device state and sysctls (see
-/// `device::inspect`). The interfaces attached are the kernel's record, not part of the plan:
-/// the desired owner takes the live table's (or `ifnames` when there is no table). With
-/// [`Act::Repair`] and a difference, `desired` stamped `at` is applied: a missing capture
-/// through [`attach`] as for a fresh pod (on failure the pod is left as it was, uncaptured), an
-/// existing one through [`repair`] (never removed on failure).
+/// `device::inspect`). The plan counts the attachments the live table's owner counts (the
+/// kernel's record), or `fallback` when there is no table or it counts none (what the agent or
+/// the runtime knows). A pod that does not ask for capture is expected to have no table. With
+/// [`Act::Repair`] and a difference, the plan stamped `at` is applied: a missing capture as
+/// for a fresh pod (on failure the pod is left as it was, uncaptured), an existing one through
+/// [`repair`] (never removed on failure).
 pub fn reconcile(
-    desired: &Ruleset,
-    plan: &RedirectPlan,
-    ifnames: &[String],
+    want: &Want,
+    fallback: &[Attached],
     act: Act,
     at: u64,
 ) -> Result<Reconciled, ProgramError> {
-    let (live, device_drift) = inspect(Some(&DeviceSetup::from_plan(plan)))?;
-    let live_owner = live.as_ref().and_then(|l| l.owner());
-    let mut rs = desired.clone();
-    rs.owner.ifnames = live_owner
+    let live = nft::read()?;
+    let live_owner = live.as_ref().and_then(LiveTable::owner);
+    let counted = live_owner
         .as_ref()
-        .map(|o| o.ifnames.clone())
-        .filter(|i| !i.is_empty())
-        .unwrap_or_else(|| ifnames.to_vec());
-    let mut drift = nft::diff(&nft::expected(&rs), live.as_ref());
-    drift.extend(device_drift);
+        .map(|o| o.attachments.clone())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| fallback.to_vec());
+    let mut owner = want.owner(&counted, live_owner.as_ref().map_or(0, |o| o.attached_at));
+    if owner.attached_at == 0 {
+        owner.attached_at = at;
+    }
+    let Some(planned) = want.plan(owner)? else {
+        let drift = live
+            .map(|_| vec!["a sluice table exists for a pod that is not captured".to_owned()])
+            .unwrap_or_default();
+        return Ok(Reconciled {
+            live: live_owner,
+            planned: None,
+            missing: false,
+            drift,
+            repaired: None,
+        });
+    };
+    let setup = DeviceSetup::from_plan(&planned.plan);
+    let mut drift = nft::diff(&nft::expected(&planned.ruleset), live.as_ref());
+    drift.extend(device::inspect(&setup).map_err(ProgramError::Inspect)?);
     let repaired = (act == Act::Repair && !drift.is_empty()).then(|| {
+        let mut rs = planned.ruleset.clone();
         rs.owner.attached_at = at;
         if live.is_some() {
-            repair(&rs, plan)
+            repair(&rs, &planned.plan)
         } else {
-            attach(&rs, plan, None)
+            fresh(&rs, &planned.plan)
         }
         .map_err(|e| e.to_string())
     });
     Ok(Reconciled {
         live: live_owner,
-        ifnames: rs.owner.ifnames,
         missing: live.is_none(),
+        planned: Some(planned),
         drift,
         repaired,
     })
+}
+
+/// Programs a pod that has no table (the reconciler's repair of a missing capture): as an ADD
+/// of a fresh pod, rolled back whole on failure.
+fn fresh(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
+    let start = Instant::now();
+    if !nft::create(rs)? {
+        // Someone's ADD got there first: make it equal in place instead.
+        return repair(rs, plan);
+    }
+    complete_fresh(plan, start)
+}
+
+/// Device setup and sysctls after this call created the table; on failure everything the
+/// call added — device state, sysctls, the table — is removed again.
+fn complete_fresh(plan: &RedirectPlan, start: Instant) -> Result<Timings, ProgramError> {
+    let nft_done = Instant::now();
+    let nft_at_ns = now_ns();
+    let setup = DeviceSetup::from_plan(plan);
+    let result = device::setup(&setup, device::Setup::Fresh).and_then(|()| {
+        device::write_sysctls(&setup.sysctls).map(drop).inspect_err(|_| {
+            if let Err(e) = device::teardown() {
+                tracing::error!(error = %e, "removing device setup after a failed sysctl");
+            }
+        })
+    });
+    if let Err(e) = result {
+        if let Err(rb) = nft::remove() {
+            tracing::error!(error = %rb, "rollback after failed device setup also failed");
+        }
+        return Err(ProgramError::Device(e));
+    }
+    Ok(Timings::since(start, nft_done, nft_at_ns))
 }
 
 /// Reads our table back, and compares the device state with `device` when the pod should be

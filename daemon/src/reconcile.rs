@@ -23,13 +23,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::discovery::{Cri, Sandbox};
-use crate::plan::{self, Decision};
-use crate::program;
+use crate::plan::Families;
+use crate::program::{self, Want};
 use crate::registry::Record;
-use crate::ruleset::{Owner, Ruleset};
+use crate::ruleset::Attached;
 use crate::service::AgentService;
 
 /// What the reconciler does about a pod that lacks its capture or has drifted.
@@ -56,72 +56,73 @@ pub enum Found {
     Repaired { reason: &'static str },
     /// Needs repair and was left alone (report mode), or the repair failed.
     Uncaptured { reason: &'static str },
-}
-
-/// One visit's result, inside the namespace.
-struct Visit {
-    found: Found,
-    /// Attach time to record (from the table, or now for a repair).
-    at: u64,
-    ifnames: Vec<String>,
-    drift: Vec<String>,
-    rule_count: u32,
+    /// A DEL of the pod came after the pass's snapshot: it is going away; left alone.
+    Deleting,
 }
 
 /// Runs passes until the task is dropped.
 pub async fn run(service: Arc<AgentService>, mut cri: Cri, repair: Repair, interval: Duration) {
-    let mut unseen_once: HashSet<String> = HashSet::new();
+    let mut state = PassState::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        pass(&service, &mut cri, repair, &mut unseen_once).await;
+        pass(&service, &mut cri, repair, &mut state).await;
     }
 }
 
-/// One pass over the runtime's READY sandboxes.
+/// What passes carry from one to the next.
+#[derive(Debug, Default)]
+pub struct PassState {
+    /// Containers recorded but not listed by the last pass (forgotten on a second miss).
+    unseen_once: HashSet<String>,
+    /// Since when passes fail (listing or some sandboxes), and how many in a row.
+    failing: Option<(std::time::SystemTime, u32)>,
+}
+
+/// One pass over the runtime's READY sandboxes that ask for capture. It survives any one
+/// sandbox: one whose status cannot be read is counted and skipped (the pass is `partial`);
+/// only a runtime that cannot be listed at all fails it (`error`). Either is visible in
+/// `sluicectl status` (with the first error and since when) and in
+/// `sluice_reconcile_passes_total{result}` (alert `SluiceReconcileFailing`).
 pub async fn pass(
     service: &Arc<AgentService>,
     cri: &mut Cri,
     repair: Repair,
-    unseen_once: &mut HashSet<String>,
+    state: &mut PassState,
 ) {
     let socket = cri.socket().display().to_string();
-    let sandboxes = match cri.ready_sandboxes().await {
-        Ok(s) => s,
+    let started = Instant::now();
+    let listing = match cri.ready_sandboxes().await {
+        Ok(l) => l,
         Err(e) => {
-            let status = format!("cri {socket}: {e}");
             // Once per change, not once per pass: a node without that runtime would log it
             // every interval.
-            if service.discovery_status() != status {
+            if state.failing.is_none() {
                 tracing::warn!(error = %e, "sandbox discovery failed; will retry every interval");
             }
-            service.set_discovery(status);
+            let (since, n) = failing(state);
+            service.set_discovery(format!(
+                "FAILING since {} ({n} passes in a row): cri {socket}: {e}",
+                unix_of(since)
+            ));
             service.metrics().reconcile_pass("error");
             return;
         }
     };
+    let sandboxes = listing.sandboxes;
     service.set_sandboxes(&sandboxes);
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    counts.insert("not_asking", listing.not_asking);
     let mut uncaptured = 0i64;
-    // The interfaces recorded per container, read once per pass.
-    let mut recorded_ifnames: std::collections::HashMap<String, Vec<String>> = Default::default();
-    for a in service.registry().list() {
-        if !a.ifname.is_empty() {
-            recorded_ifnames
-                .entry(a.container_id)
-                .or_default()
-                .push(a.ifname);
-        }
-    }
     for sb in &sandboxes {
-        let known = recorded_ifnames.remove(&sb.id).unwrap_or_default();
-        let found = reconcile_sandbox(service, sb, repair, known).await;
+        let found = reconcile_sandbox(service, sb, repair, started).await;
         let key = match &found {
             Found::NotOurs => "not_ours",
             Found::Ok => "ok",
             Found::Repaired { .. } => "repaired",
             Found::Uncaptured { .. } => "uncaptured",
+            Found::Deleting => "deleting",
         };
         *counts.entry(key).or_default() += 1;
         if matches!(found, Found::Uncaptured { .. }) {
@@ -129,8 +130,13 @@ pub async fn pass(
         }
     }
     service.metrics().uncaptured_pods.set(uncaptured);
-    // Forget records of sandboxes the runtime no longer lists, on the second miss.
-    let listed: HashSet<&str> = sandboxes.iter().map(|s| s.id.as_str()).collect();
+    // Forget records of sandboxes the runtime no longer lists, on the second miss; a sandbox
+    // whose status could not be read is still listed.
+    let listed: HashSet<&str> = sandboxes
+        .iter()
+        .map(|s| s.id.as_str())
+        .chain(listing.failed.iter().map(|(id, _)| id.as_str()))
+        .collect();
     let recorded: HashSet<String> = service
         .registry()
         .list()
@@ -141,26 +147,56 @@ pub async fn pass(
         .into_iter()
         .filter(|id| !listed.contains(id.as_str()))
         .collect();
-    for id in missing.intersection(unseen_once) {
+    for id in missing.intersection(&state.unseen_once) {
         let n = service.registry().remove(id, "");
         tracing::info!(container = %id, forgotten = n, "sandbox gone from the runtime; records forgotten");
     }
-    *unseen_once = missing;
+    state.unseen_once = missing;
     service.refresh_attached_gauge();
-    service.metrics().reconcile_pass("ok");
-    service.set_discovery(format!(
-        "cri {socket}: {} ready sandboxes; last pass {counts:?}",
-        sandboxes.len()
-    ));
+    if let Some((id, e)) = listing.failed.first() {
+        tracing::warn!(failed = listing.failed.len(), first = %id, error = %e, "the status of some sandboxes could not be read; they were skipped this pass");
+        let (since, n) = failing(state);
+        service.metrics().reconcile_pass("partial");
+        service.set_discovery(format!(
+            "INCOMPLETE since {} ({n} passes in a row): cri {socket}: {} sandboxes asking for capture, {} could not be read (first {id}: {e}); last pass {counts:?}",
+            unix_of(since),
+            sandboxes.len() + listing.failed.len(),
+            listing.failed.len()
+        ));
+    } else {
+        if state.failing.take().is_some() {
+            tracing::info!("sandbox discovery works again");
+        }
+        service.metrics().reconcile_pass("ok");
+        service.set_discovery(format!(
+            "cri {socket}: {} ready sandboxes asking for capture; last pass {counts:?}",
+            sandboxes.len()
+        ));
+    }
     tracing::debug!(sandboxes = sandboxes.len(), ?counts, "reconcile pass");
 }
 
-/// Reconciles one sandbox; see the module docs.
+/// Counts one more failing pass; since when passes fail, and how many in a row.
+fn failing(state: &mut PassState) -> (std::time::SystemTime, u32) {
+    let (since, n) = state
+        .failing
+        .get_or_insert((std::time::SystemTime::now(), 0));
+    *n += 1;
+    (*since, *n)
+}
+
+fn unix_of(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reconciles one sandbox; see the module docs. `snapshot` is when the runtime's listing
+/// began: a DEL of the pod after it means the pod is going away, and it is left alone.
 pub async fn reconcile_sandbox(
     service: &Arc<AgentService>,
     sb: &Sandbox,
     repair: Repair,
-    known_ifnames: Vec<String>,
+    snapshot: Instant,
 ) -> Found {
     let Some(netns) = sb.netns.clone() else {
         return Found::NotOurs;
@@ -170,67 +206,61 @@ pub async fn reconcile_sandbox(
         .iter()
         .filter_map(|s| s.parse::<IpAddr>().ok())
         .collect();
-    let (plan, profile) = match plan::decide(&sb.annotations, &ips, &service.config().plan) {
-        Ok(Decision::Capture { plan, profile }) => (plan, profile),
-        Ok(Decision::Skip { .. }) => return Found::NotOurs,
+    let want = Want {
+        annotations: sb.annotations.clone(),
+        defaults: service.config().plan.clone(),
+        pod_uid: sb.pod.uid.clone(),
+        container_id: sb.id.clone(),
+    };
+    let pod = format!("{}/{}", sb.pod.namespace, sb.pod.name);
+    // The pod's primary attachment as the runtime reports it, when the kernel counts none.
+    let primary = vec![Attached::new("eth0", "", Families::present(&ips))];
+    match want.plan(want.owner(&primary, 0)) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Found::NotOurs,
         Err(e) => {
-            tracing::warn!(container = %sb.id, pod = %format!("{}/{}", sb.pod.namespace, sb.pod.name), error = %e, "sandbox asks for capture with an invalid annotation; left alone");
+            tracing::warn!(container = %sb.id, %pod, error = %e, "sandbox asks for capture with an invalid annotation; left alone");
             return Found::NotOurs;
         }
-    };
-    let ns = match service.policy().open(&netns) {
-        Ok(ns) => ns,
-        Err(e) => {
-            tracing::debug!(container = %sb.id, %netns, error = %e, "sandbox netns not usable; skipped");
-            return Found::NotOurs;
-        }
-    };
-    let fingerprint = plan.fingerprint();
-    let fingerprint_out = fingerprint.clone();
-    let (svc, sb2, plan2) = (service.clone(), sb.clone(), plan.clone());
-    let id = sb.id.clone();
-    let uid = sb.pod.uid.clone();
+    }
+    let (svc, sb2) = (service.clone(), sb.clone());
     let work = async move {
-        let pod = format!("{}/{}", sb2.pod.namespace, sb2.pod.name);
-        // Inspect, compare and (in apply mode) repair in one visit to the namespace.
+        // Under the pod's lock, the snapshot is checked again: a DEL that came after it
+        // (the pod is being deleted) wins, and nothing is opened, programmed or recorded.
+        if svc.detached_since(&sb2.id, snapshot) {
+            tracing::debug!(container = %sb2.id, %pod, "a DEL came after the snapshot; left alone");
+            return Found::Deleting;
+        }
+        let ns = match svc.policy().open(&netns) {
+            Ok(ns) => ns,
+            Err(e) => {
+                tracing::debug!(container = %sb2.id, %netns, error = %e, "sandbox netns not usable; skipped");
+                return Found::NotOurs;
+            }
+        };
+        // The attachments the agent recorded, for a pod whose table counts none.
+        let recorded: Vec<Attached> = svc
+            .registry()
+            .of(&sb2.id)
+            .iter()
+            .map(crate::service::attached)
+            .collect();
+        let fallback = if recorded.is_empty() {
+            primary
+        } else {
+            recorded
+        };
+        let act = match repair {
+            Repair::Apply => program::Act::Repair,
+            Repair::Report => program::Act::Diff,
+        };
+        let now = crate::service::unix_now();
+        let until = Instant::now() + crate::work::DEFAULT_WAIT;
         let visit = ns
-            .run(move || -> Result<Visit, program::ProgramError> {
-                let default_ifnames = if known_ifnames.is_empty() {
-                    vec!["eth0".to_owned()]
-                } else {
-                    known_ifnames
-                };
-                let rs = Ruleset::from_plan(&plan2, Owner::new(&fingerprint, &uid, &id));
-                let act = match repair {
-                    Repair::Apply => program::Act::Repair,
-                    Repair::Report => program::Act::Diff,
-                };
-                let now = crate::service::unix_now();
-                let r = program::reconcile(&rs, &plan2, &default_ifnames, act, now)?;
-                let reason = if r.missing { "missing" } else { "drift" };
-                let rule_count = rs.rule_count() as u32;
-                let (found, at) = match r.repaired {
-                    None if r.drift.is_empty() => {
-                        (Found::Ok, r.live.as_ref().map_or(0, |o| o.attached_at))
-                    }
-                    None => (Found::Uncaptured { reason }, 0),
-                    Some(Ok(_)) => (Found::Repaired { reason }, now),
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, reason, "repairing the capture failed");
-                        (Found::Uncaptured { reason }, 0)
-                    }
-                };
-                Ok(Visit {
-                    found,
-                    at,
-                    ifnames: r.ifnames,
-                    drift: r.drift,
-                    rule_count,
-                })
-            })
+            .run(until, move || program::reconcile(&want, &fallback, act, now))
             .await;
-        let visit = match visit {
-            Ok(Ok(v)) => v,
+        let r = match visit {
+            Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::warn!(container = %sb2.id, %pod, error = %e, "reading the capture failed");
                 return Found::Uncaptured { reason: "error" };
@@ -240,40 +270,64 @@ pub async fn reconcile_sandbox(
                 return Found::NotOurs;
             }
         };
-        match &visit.found {
+        let Some(planned) = r.planned else {
+            return Found::NotOurs;
+        };
+        let reason = if r.missing { "missing" } else { "drift" };
+        let (found, at) = match &r.repaired {
+            None if r.drift.is_empty() => (Found::Ok, r.live.as_ref().map_or(0, |o| o.attached_at)),
+            None => (Found::Uncaptured { reason }, 0),
+            Some(Ok(_)) => (Found::Repaired { reason }, now),
+            Some(Err(e)) => {
+                tracing::error!(container = %sb2.id, %pod, error = %e, reason, "repairing the capture failed");
+                (Found::Uncaptured { reason }, 0)
+            }
+        };
+        match &found {
             Found::Repaired { reason } => {
-                tracing::warn!(container = %sb2.id, %pod, %netns, reason, drift = ?visit.drift, "capture repaired");
+                tracing::warn!(container = %sb2.id, %pod, %netns, reason, drift = ?r.drift, "capture repaired");
                 svc.metrics().repair(reason);
             }
             Found::Uncaptured { reason } => {
-                tracing::warn!(container = %sb2.id, %pod, %netns, reason, drift = ?visit.drift, repair = ?repair, "pod lacks its capture");
+                tracing::warn!(container = %sb2.id, %pod, %netns, reason, drift = ?r.drift, repair = ?repair, "pod lacks its capture");
             }
             _ => {}
         }
-        let state = match &visit.found {
+        let state = match &found {
             Found::Ok => "ok",
             Found::Repaired { .. } => "repaired",
             Found::Uncaptured { reason: "drift" } => "drifted",
             _ => "uncaptured",
         };
-        for ifname in visit.ifnames {
+        let owner = &planned.ruleset.owner;
+        let rule_count = planned.ruleset.rule_count() as u32;
+        for a in &owner.attachments {
+            // The runtime's addresses are the primary's; another attachment keeps what the
+            // agent recorded for it.
+            let pod_ips = svc
+                .registry()
+                .of(&sb2.id)
+                .into_iter()
+                .find(|r| r.attachment.ifname == a.ifname)
+                .map_or_else(|| sb2.ips.clone(), |r| r.pod_ips);
             svc.registry().insert(Record {
                 attachment: sluice_proto::v1::Attachment {
                     container_id: sb2.id.clone(),
                     netns: netns.clone(),
                     pod: Some(sb2.pod.clone()),
-                    fingerprint: fingerprint_out.clone(),
-                    profile: profile.to_string(),
-                    rule_count: visit.rule_count,
-                    attached_at_unix: visit.at as i64,
-                    ifname,
+                    fingerprint: owner.fingerprint.clone(),
+                    profile: planned.profile.to_string(),
+                    rule_count,
+                    attached_at_unix: at as i64,
+                    ifname: a.ifname.clone(),
+                    network: a.network.clone(),
                     state: state.to_owned(),
                 },
                 annotations: sb2.annotations.clone(),
-                pod_ips: sb2.ips.clone(),
+                pod_ips,
             });
         }
-        visit.found
+        found
     };
     service
         .run_for(&sb.id, work)

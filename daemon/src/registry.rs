@@ -81,6 +81,15 @@ impl Registry {
         gone.len()
     }
 
+    /// Every attachment of the container, by interface name.
+    pub fn of(&self, container_id: &str) -> Vec<Record> {
+        let records = self.lock();
+        records
+            .of(container_id)
+            .filter_map(|k| records.map.get(k).cloned())
+            .collect()
+    }
+
     /// Any attachment of the container (they share the pod's annotations and netns), the
     /// first by interface name.
     pub fn get(&self, container_id: &str) -> Option<Record> {

@@ -106,8 +106,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Rejects callers whose uid is not allow-listed, before any handler runs.
-fn peer_filter(allow: Vec<u32>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+/// Rejects callers whose uid is not allow-listed, before any handler runs (counted in
+/// `sluice_refused_peers_total`).
+fn peer_filter(
+    allow: Vec<u32>,
+    metrics: Arc<Metrics>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         let uid = req
             .extensions()
@@ -117,6 +121,7 @@ fn peer_filter(allow: Vec<u32>) -> impl FnMut(Request<()>) -> Result<Request<()>
         match uid {
             Some(uid) if allow.contains(&uid) => Ok(req),
             other => {
+                metrics.refused_peers.inc();
                 tracing::warn!(peer_uid = ?other, "refusing API call from a peer that is not allow-listed");
                 Err(Status::permission_denied(format!(
                     "peer uid {} is not allowed to use the sluice agent",
@@ -232,6 +237,7 @@ pub async fn serve(
         .clone()
         .map(|socket| (socket, config.repair, config.reconcile_interval));
     let ready_metrics = metrics.clone();
+    let peer_metrics = metrics.clone();
     let service = Arc::new(AgentService::new(
         config,
         policy,
@@ -265,7 +271,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::from_arc(service),
-            peer_filter(allow),
+            peer_filter(allow, peer_metrics),
         ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             stopped.notified().await

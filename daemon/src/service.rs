@@ -16,12 +16,15 @@ use sluice_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use sluice_proto::deadlines;
+
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 use crate::netns::{self, NetnsError, PodNetns};
-use crate::plan::{self, Decision, PlanError};
+use crate::plan::{self, Decision, Families, PlanError};
+use crate::program::Want;
 use crate::registry::{Record, Registry, pod_or_default};
-use crate::ruleset::{Owner, Ruleset};
+use crate::ruleset::{Attached, Owner, Ruleset};
 use crate::{nft, program};
 
 /// Shared state of the running agent.
@@ -39,6 +42,9 @@ pub struct AgentService {
     /// The runtime's READY sandboxes as of the last discovery pass, by id (Check of a pod
     /// that was never captured).
     sandboxes: std::sync::Mutex<std::collections::HashMap<String, crate::discovery::Sandbox>>,
+    /// When the last DEL of each container arrived (recent ones only): the reconciler never
+    /// re-captures a pod whose DEL came after its snapshot.
+    detached: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 /// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
@@ -60,6 +66,7 @@ impl AgentService {
             install,
             work: crate::work::Work::default(),
             sandboxes: std::sync::Mutex::default(),
+            detached: std::sync::Mutex::default(),
             discovery: std::sync::Mutex::new(
                 "off: no CRI socket configured; the agent works from the plugin's calls alone"
                     .to_owned(),
@@ -178,22 +185,9 @@ fn netns_status(e: NetnsError) -> Status {
     match e {
         NetnsError::Gone(_) => with_field(Status::not_found(bounded(e.to_string())), "netns"),
         e if e.is_invalid_input() => invalid("netns", e),
+        // Short of threads or file descriptors: it comes back, and the runtime retries 11.
+        e if e.is_transient() => Status::unavailable(bounded(e.to_string())),
         e => Status::internal(bounded(e.to_string())),
-    }
-}
-
-/// The plan an earlier ADD of this container recorded, rebuilt, to restore if a re-ADD fails.
-fn replan(record: &Record, defaults: &plan::PlanDefaults) -> Option<(Ruleset, plan::RedirectPlan)> {
-    let ips: Vec<IpAddr> = pod_ips(&record.pod_ips).ok()?;
-    match plan::decide(&record.annotations, &ips, defaults).ok()? {
-        Decision::Capture { plan, .. } => {
-            let a = &record.attachment;
-            let uid = a.pod.as_ref().map(|p| p.uid.as_str()).unwrap_or_default();
-            let rs =
-                Ruleset::from_plan(&plan, Owner::new(&plan.fingerprint(), uid, &a.container_id));
-            Some((rs, plan))
-        }
-        Decision::Skip { .. } => None,
     }
 }
 
@@ -207,30 +201,33 @@ fn work_status(e: crate::work::WorkError) -> Status {
     }
 }
 
-/// A kernel step that got no answer in time is transient (CNI code 11 at the plugin); any
-/// other kernel failure is internal.
+/// A kernel step that got no answer in time is the deadline, a resource the agent ran short
+/// of is unavailability (both CNI code 11 at the plugin: the runtime retries); an annotation
+/// the plan refuses is invalid input; any other kernel failure is internal.
 fn program_status(e: &program::ProgramError, message: String) -> Status {
+    if let program::ProgramError::Plan(p) = e {
+        return plan_status(p.clone());
+    }
     if e.is_timeout() {
         Status::deadline_exceeded(bounded(message))
+    } else if e.is_transient() {
+        Status::unavailable(bounded(message))
     } else {
         Status::internal(bounded(message))
     }
 }
 
-/// The longest a call may take when its caller sets no deadline (`sluicectl`; the plugin
-/// always sends one).
-pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The server-side deadline of a call: nine tenths of the caller's `grpc-timeout`, so that the
-/// agent's own answer, saying what took too long, reaches the caller before the caller's timer
-/// fires (and before tonic's, which drops the call at the full timeout); never more than
-/// [`MAX_DEADLINE`]. Waiting for a worker counts against it (see `Work::run_within`).
+/// The server-side deadline of a call: [`deadlines::agent_deadline`] of the caller's
+/// `grpc-timeout` (so the agent's own answer, saying what took too long, reaches the caller
+/// first), or [`deadlines::MAX_AGENT_DEADLINE`] for a caller that sets none (`sluicectl`; the
+/// plugin always sends one). Waiting for a worker counts against it (see `Work::run_within`),
+/// and so does every kernel step (see `netns::step_timeout`).
 pub fn deadline<T>(req: &Request<T>) -> Duration {
     req.metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
-        .map_or(MAX_DEADLINE, |t| (t * 9 / 10).min(MAX_DEADLINE))
+        .map_or(deadlines::MAX_AGENT_DEADLINE, deadlines::agent_deadline)
 }
 
 /// `grpc-timeout` per the gRPC HTTP/2 protocol: at most 8 digits and a unit (H, M, S, m, u, n).
@@ -300,18 +297,30 @@ fn pod_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
         .collect()
 }
 
+/// A recorded attachment as the kernel's owner counts it.
+pub fn attached(record: &Record) -> Attached {
+    let ips: Vec<IpAddr> = pod_ips(&record.pod_ips).unwrap_or_default();
+    Attached::new(
+        &record.attachment.ifname,
+        &record.attachment.network,
+        Families::present(&ips),
+    )
+}
+
 fn to_map(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     m.into_iter().collect()
 }
+
 
 /// A metrics label for a failed call.
 fn error_reason(s: &Status) -> &'static str {
     match s.code() {
         tonic::Code::InvalidArgument => "invalid_argument",
         tonic::Code::NotFound => "not_found",
-        tonic::Code::PermissionDenied => "permission_denied",
         tonic::Code::DeadlineExceeded => "deadline",
-        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => "saturated",
+        tonic::Code::ResourceExhausted => "saturated",
+        // Short of threads or file descriptors, or shutting down.
+        tonic::Code::Unavailable => "unavailable",
         _ => "kernel",
     }
 }
@@ -353,7 +362,7 @@ impl Agent for AgentService {
                     .get(sluice_proto::FIELD_METADATA_KEY)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                let code = sluice_proto::cni_code::of_status(s.code(), field, false);
+                let code = sluice_proto::cni_code::of_status(s.code(), field);
                 m.attach("error", error_reason(s), Some(code));
             }
         }
@@ -426,64 +435,98 @@ impl Agent for AgentService {
 }
 
 impl AgentService {
+    /// What the pod asks for, under this node's defaults.
+    fn want(&self, annotations: BTreeMap<String, String>, pod_uid: &str, id: &str) -> Want {
+        Want {
+            annotations,
+            defaults: self.config.plan.clone(),
+            pod_uid: pod_uid.to_owned(),
+            container_id: id.to_owned(),
+        }
+    }
+
+    /// Marks that a DEL of `id` arrived (see [`AgentService::detached_since`]).
+    fn note_detach(&self, id: &str) {
+        let mut tombs = self.detached.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        // Bounded: a DEL older than any pass still running is of no use.
+        tombs.retain(|_, at| now.duration_since(*at) < DETACH_MEMORY);
+        tombs.insert(id.to_owned(), now);
+    }
+
+    /// Whether a DEL of `id` arrived at or after `since`: the reconciler, holding the pod's
+    /// lock, then leaves the pod alone (it is being deleted; its snapshot is stale).
+    pub fn detached_since(&self, id: &str, since: Instant) -> bool {
+        self.detached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|at| *at >= since)
+    }
+
     async fn attach_inner(
         &self,
         req: Request<AttachRequest>,
         limit: Duration,
     ) -> Result<Response<AttachResponse>, Status> {
         let start = Instant::now();
+        let until = start + limit;
         let received_ns = program::now_ns();
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
         required("netns", &req.netns)?;
         let ips = pod_ips(&req.pod_ips)?;
-        let annotations = to_map(req.annotations);
-        let (plan, profile) =
-            match plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)? {
-                Decision::Skip { reason } => {
-                    tracing::debug!(container = %req.container_id, %reason, "attach skipped");
-                    return Ok(Response::new(AttachResponse {
-                        outcome: Outcome::Skipped.into(),
-                        reason,
-                        ..Default::default()
-                    }));
-                }
-                Decision::Capture { plan, profile } => (plan, profile),
-            };
         let pod = pod_or_default(req.pod);
-        let fingerprint = plan.fingerprint();
-        let ruleset = Ruleset::from_plan(
-            &plan,
-            Owner::new(&fingerprint, &pod.uid, &req.container_id)
-                .on(&req.ifname)
-                .at(unix_now()),
-        );
-        let rule_count = ruleset.rule_count() as u32;
-        let attached_at = ruleset.owner.attached_at;
-        if ruleset.rule_count() > plan::MAX_RULES {
-            return Err(plan_status(plan::too_many_rules(
-                &annotations,
-                ruleset.rule_count(),
-            )));
+        let want = self.want(to_map(req.annotations), &pod.uid, &req.container_id);
+        // This attachment, and the pod's others the agent knows: the plan covers the families
+        // of all of them (the kernel's own count decides once inside, see `program::attach`).
+        let this = Attached::new(&req.ifname, &req.network, Families::present(&ips));
+        let known: Vec<Attached> = self
+            .registry
+            .of(&req.container_id)
+            .iter()
+            .filter(|r| r.attachment.ifname != req.ifname)
+            .map(attached)
+            .collect();
+        let at = unix_now();
+        let mut all = known.clone();
+        all.push(this.clone());
+        // Decided before any namespace is entered: a pod that does not ask never reaches one,
+        // and a refused annotation leaves everything untouched.
+        let Some(first) = want.plan(want.owner(&all, at)).map_err(plan_status)? else {
+            let reason = match plan::decide(&want.annotations, &ips, &want.defaults) {
+                Ok(Decision::Skip { reason }) => reason,
+                _ => "the pod does not ask for capture".to_owned(),
+            };
+            tracing::debug!(container = %req.container_id, %reason, "attach skipped");
+            return Ok(Response::new(AttachResponse {
+                outcome: Outcome::Skipped.into(),
+                reason,
+                ..Default::default()
+            }));
+        };
+        if !first.ignored.is_empty() {
+            tracing::warn!(container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name), profile = %first.profile, ignored = ?first.ignored, "native sluice.dev annotations on a mesh pod not applied (native-overrides-on-mesh-pods is off)");
+            self.metrics.native_overrides_ignored(first.profile);
         }
+        drop(first);
         let ns = self.open(&req.netns)?;
-        let (registry, metrics, defaults) = (
-            self.registry.clone(),
-            self.metrics.clone(),
-            self.config.plan.clone(),
-        );
+        let (registry, metrics) = (self.registry.clone(), self.metrics.clone());
         let key = req.container_id.clone();
         // Under the container's lock: read what an earlier ADD recorded (to restore it if this
         // one fails), program, and record, as one unit that a departing caller cannot cut.
         let work = async move {
             let started_ns = program::now_ns();
-            let previous = registry
-                .get(&req.container_id)
-                .and_then(|r| replan(&r, &defaults));
-            let (in_netns_ns, timings) = ns
-                .run(move || {
+            let restore = registry.get(&req.container_id).map(|r| Want {
+                annotations: r.annotations,
+                ..want.clone()
+            });
+            let annotations = want.annotations.clone();
+            let (in_netns_ns, done) = ns
+                .run(until, move || {
                     let in_netns_ns = program::now_ns();
-                    program::attach(&ruleset, &plan, previous.as_ref()).map(|t| (in_netns_ns, t))
+                    program::attach(&want, this, &known, at, restore.as_ref())
+                        .map(|done| (in_netns_ns, done))
                 })
                 .await
                 .map_err(netns_status)?
@@ -499,25 +542,39 @@ impl AgentService {
                     )
                 })?;
             let duration_us = start.elapsed().as_micros() as u64;
-            if timings.replaced {
+            if done.replaced {
                 metrics.drift_repaired.inc();
             }
+            let owner = &done.planned.ruleset.owner;
+            let (fingerprint, profile) = (owner.fingerprint.clone(), done.planned.profile);
+            let rule_count = done.planned.ruleset.rule_count() as u32;
             tracing::info!(
                 container = %req.container_id, pod = %format!("{}/{}", pod.namespace, pod.name),
-                netns = %req.netns, %fingerprint, %profile, rules = rule_count, duration_us,
-                nft_us = timings.nft_us, device_us = timings.device_us, "attached"
+                netns = %req.netns, ifname = %req.ifname, network = %req.network, %fingerprint,
+                %profile, rules = rule_count, attachments = ?owner.ifnames(), duration_us,
+                nft_us = done.timings.nft_us, device_us = done.timings.device_us, "attached"
             );
+            // Every attachment of the pod shares the capture just programmed.
+            for mut r in registry.of(&req.container_id) {
+                r.attachment.fingerprint = fingerprint.clone();
+                r.attachment.rule_count = rule_count;
+                r.attachment.profile = profile.to_string();
+                r.attachment.attached_at_unix = at as i64;
+                r.annotations = annotations.clone();
+                registry.insert(r);
+            }
             registry.insert(Record {
                 attachment: Attachment {
                     container_id: req.container_id,
                     ifname: req.ifname,
+                    network: sluice_proto::network_name(&req.network),
                     state: "ok".to_owned(),
                     netns: req.netns,
                     pod: Some(pod),
                     fingerprint: fingerprint.clone(),
                     profile: profile.to_string(),
                     rule_count,
-                    attached_at_unix: attached_at as i64,
+                    attached_at_unix: at as i64,
                 },
                 annotations,
                 pod_ips: req.pod_ips,
@@ -533,8 +590,8 @@ impl AgentService {
                     received_ns,
                     started_ns,
                     in_netns_ns,
-                    nft_ns: timings.nft_at_ns,
-                    device_ns: timings.device_at_ns,
+                    nft_ns: done.timings.nft_at_ns,
+                    device_ns: done.timings.device_at_ns,
                     replied_ns: program::now_ns(),
                 }),
             }))
@@ -550,8 +607,10 @@ impl AgentService {
         req: Request<DetachRequest>,
         limit: Duration,
     ) -> Result<Response<DetachResponse>, Status> {
+        let until = Instant::now() + limit;
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
+        self.note_detach(&req.container_id);
         let ns = if req.netns.is_empty() {
             None
         } else {
@@ -578,13 +637,16 @@ impl AgentService {
                 None => (false, "netns is gone".to_owned(), true),
                 Some(ns) => {
                     let netns = req.netns.clone();
-                    let current = registry
-                        .get(&id)
-                        .and_then(|r| replan(&r, &defaults))
-                        .map(|(rs, _)| rs);
+                    // What the pod asks for, to narrow the capture to the attachments left.
+                    let want = registry.get(&id).map(|r| Want {
+                        annotations: r.annotations,
+                        defaults,
+                        pod_uid: r.attachment.pod.map(|p| p.uid).unwrap_or_default(),
+                        container_id: id.clone(),
+                    });
                     let if_ = ifname.clone();
                     let done = ns
-                        .run(move || program::detach_for(&if_, current.as_ref()))
+                        .run(until, move || program::detach_for(&if_, want.as_ref()))
                         .await
                         .map_err(netns_status)?
                         .map_err(|e| {
@@ -634,27 +696,31 @@ impl AgentService {
         req: Request<CheckRequest>,
         limit: Duration,
     ) -> Result<Response<CheckResponse>, Status> {
+        let until = Instant::now() + limit;
         let req = req.into_inner();
         required("container_id", &req.container_id)?;
-        // What the agent knows of the container: its attachment, or else the runtime's
+        // What the agent knows of the container: its attachments, or else the runtime's
         // sandbox as of the last discovery pass (a pod that was never captured).
-        let record = self.registry.get(&req.container_id).or_else(|| {
-            self.sandbox(&req.container_id).and_then(|sb| {
-                Some(Record {
-                    attachment: Attachment {
-                        container_id: sb.id,
-                        netns: sb.netns?,
-                        pod: Some(sb.pod),
-                        ..Default::default()
-                    },
-                    annotations: sb.annotations,
-                    pod_ips: sb.ips,
-                })
-            })
-        });
+        let mut records = self.registry.of(&req.container_id);
+        if records.is_empty()
+            && let Some(sb) = self.sandbox(&req.container_id)
+            && let Some(netns) = sb.netns
+        {
+            records.push(Record {
+                attachment: Attachment {
+                    container_id: sb.id,
+                    netns,
+                    ifname: DEFAULT_IFNAME.to_owned(),
+                    pod: Some(sb.pod),
+                    ..Default::default()
+                },
+                annotations: sb.annotations,
+                pod_ips: sb.ips,
+            });
+        }
+        let record = records.first();
         let netns = if req.netns.is_empty() {
             record
-                .as_ref()
                 .map(|r| r.attachment.netns.clone())
                 .ok_or_else(|| {
                     with_field(
@@ -669,59 +735,31 @@ impl AgentService {
             req.netns.clone()
         };
         let annotations = if req.annotations.is_empty() {
-            record
-                .as_ref()
-                .map(|r| r.annotations.clone())
-                .unwrap_or_default()
+            record.map(|r| r.annotations.clone()).unwrap_or_default()
         } else {
             to_map(req.annotations)
         };
         let pod = req
             .pod
-            .or_else(|| record.as_ref().and_then(|r| r.attachment.pod.clone()))
+            .or_else(|| record.and_then(|r| r.attachment.pod.clone()))
             .unwrap_or_default();
-        let ips = if req.pod_ips.is_empty() {
-            record
-                .as_ref()
-                .map(|r| r.pod_ips.clone())
-                .unwrap_or_default()
+        // Without a table counting attachments, the plan counts what the agent recorded, or
+        // the addresses given.
+        let ips = pod_ips(&req.pod_ips)?;
+        let fallback: Vec<Attached> = if records.is_empty() {
+            vec![Attached::new(DEFAULT_IFNAME, "", Families::present(&ips))]
         } else {
-            req.pod_ips
+            records.iter().map(attached).collect()
         };
-        let ips = pod_ips(&ips)?;
-        let decision = plan::decide(&annotations, &ips, &self.config.plan).map_err(plan_status)?;
+        let want = self.want(annotations, &pod.uid, &req.container_id);
+        // Refuse bad annotations before entering the namespace.
+        want.plan(want.owner(&fallback, 0)).map_err(plan_status)?;
         let ns = self.open(&netns)?;
-        let id = req.container_id.clone();
-        let (expected_fingerprint, live_fingerprint, drift) = self
+        let r = self
             .work
             .run_within(&req.container_id, limit, async move {
-                ns.run(move || -> Result<_, program::ProgramError> {
-                    match decision {
-                        Decision::Skip { .. } => {
-                            let (live, _) = program::inspect(None)?;
-                            let live_fp = live
-                                .as_ref()
-                                .and_then(|l| l.owner())
-                                .map(|o| o.fingerprint)
-                                .unwrap_or_default();
-                            let drift = live
-                                .map(|_| {
-                                    vec![
-                                        "a sluice table exists for a pod that is not captured"
-                                            .to_owned(),
-                                    ]
-                                })
-                                .unwrap_or_default();
-                            Ok((String::new(), live_fp, drift))
-                        }
-                        Decision::Capture { plan, .. } => {
-                            let fp = plan.fingerprint();
-                            let rs = Ruleset::from_plan(&plan, Owner::new(&fp, &pod.uid, &id));
-                            let r = program::reconcile(&rs, &plan, &[], program::Act::Diff, 0)?;
-                            let live_fp = r.live.map(|o| o.fingerprint).unwrap_or_default();
-                            Ok((fp, live_fp, r.drift))
-                        }
-                    }
+                ns.run(until, move || {
+                    program::reconcile(&want, &fallback, program::Act::Diff, 0)
                 })
                 .await
                 .map_err(netns_status)
@@ -729,20 +767,30 @@ impl AgentService {
             .await
             .map_err(work_status)??
             .map_err(|e| program_status(&e, format!("reading the capture in {netns}: {e}")))?;
-        if !drift.is_empty() {
-            tracing::warn!(container = %req.container_id, %netns, ?drift, "drift detected");
+        if !r.drift.is_empty() {
+            tracing::warn!(container = %req.container_id, %netns, drift = ?r.drift, "drift detected");
         }
         Ok(Response::new(CheckResponse {
-            ok: drift.is_empty(),
-            drift,
-            expected_fingerprint,
-            live_fingerprint,
+            ok: r.drift.is_empty(),
+            drift: r.drift,
+            expected_fingerprint: r
+                .planned
+                .map(|p| p.ruleset.owner.fingerprint)
+                .unwrap_or_default(),
+            live_fingerprint: r.live.map(|o| o.fingerprint).unwrap_or_default(),
         }))
     }
 }
 
-/// Renders what an Attach with these annotations would program. Shared by the Explain RPC and
-/// `sluicectl explain`, which runs it without an agent.
+/// The interface a sandbox's primary network is attached on when nothing says otherwise.
+const DEFAULT_IFNAME: &str = "eth0";
+
+/// How long the agent remembers that a DEL arrived (see [`AgentService::detached_since`]):
+/// longer than any reconcile pass.
+const DETACH_MEMORY: Duration = Duration::from_secs(600);
+
+/// Renders what an Attach with these annotations would program under `defaults` (the node's
+/// configuration). Shared by the Explain RPC and `sluicectl explain`.
 pub fn explain(
     annotations: &BTreeMap<String, String>,
     pod_ips: &[IpAddr],
@@ -754,12 +802,31 @@ pub fn explain(
             reason,
             ..Default::default()
         },
-        Decision::Capture { plan, profile } => {
+        Decision::Capture {
+            plan,
+            profile,
+            ignored,
+        } => {
             let fingerprint = plan.fingerprint();
-            let rs = Ruleset::from_plan(&plan, Owner::new(&fingerprint, "", ""));
+            let rs = Ruleset::from_plan(
+                &plan,
+                Owner::new(&fingerprint, "", "").on(Attached::new(
+                    DEFAULT_IFNAME,
+                    "",
+                    Families::present(pod_ips),
+                )),
+            );
             if rs.rule_count() > plan::MAX_RULES {
                 return Err(plan::too_many_rules(annotations, rs.rule_count()));
             }
+            let notes = if ignored.is_empty() {
+                Vec::new()
+            } else {
+                vec![format!(
+                    "not applied on a {profile} pod (the node's native-overrides-on-mesh-pods is off): {}",
+                    ignored.join(", ")
+                )]
+            };
             ExplainResponse {
                 outcome: Outcome::Programmed.into(),
                 reason: String::new(),
@@ -768,6 +835,7 @@ pub fn explain(
                 nft: rs.to_nft_script(),
                 device: crate::device::DeviceSetup::from_plan(&plan).describe(),
                 plan: format!("{plan:#?}"),
+                notes,
             }
         }
     })
@@ -825,13 +893,13 @@ mod tests {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
         let mut req = Request::new(());
-        assert_eq!(deadline(&req), MAX_DEADLINE, "no deadline given");
+        assert_eq!(deadline(&req), deadlines::MAX_AGENT_DEADLINE, "no deadline given");
         req.metadata_mut()
             .insert("grpc-timeout", "2000m".parse().expect("ascii"));
         assert_eq!(deadline(&req), Duration::from_millis(1800));
         req.metadata_mut()
             .insert("grpc-timeout", "5H".parse().expect("ascii"));
-        assert_eq!(deadline(&req), MAX_DEADLINE, "capped");
+        assert_eq!(deadline(&req), deadlines::MAX_AGENT_DEADLINE, "capped");
     }
 
     /// A call whose container is busy waits no longer than its caller's deadline (from
@@ -985,6 +1053,7 @@ mod tests {
                         pod: pod.clone(),
                         annotations: ann.clone(),
                         pod_ips: ips.clone(),
+                        network: "net".into(),
                     })));
                     check(attach.map(drop))?;
                     let detach = rt.block_on(svc.detach(Request::new(DetachRequest {

@@ -14,9 +14,95 @@ pub mod cri {
     tonic::include_proto!("runtime.v1");
 }
 
+/// Longest CNI network name the agent records for an attachment.
+pub const MAX_NETWORK_NAME: usize = 80;
+
+/// A CNI network name (the conflist's `name`) as the agent records it with an attachment and
+/// as GC compares it: the characters the CNI spec allows in a name (`[A-Za-z0-9_.-]`) and at
+/// most [`MAX_NETWORK_NAME`] of them. Both sides call this, so a name outside the spec's
+/// grammar still matches itself.
+pub fn network_name(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        .take(MAX_NETWORK_NAME)
+        .collect()
+}
+
 /// Response metadata key naming the input an `InvalidArgument` status is about, e.g.
 /// `annotation:sluice.dev/outbound-port` or `netns`.
 pub const FIELD_METADATA_KEY: &str = "sluice-field";
+
+/// Every time limit on a pod's path, in one place and derived from one another, so that the
+/// component that gives up first is the one that can say why:
+///
+/// ```text
+/// plugin timeout (conflist timeoutMs, default PLUGIN_TIMEOUT = 5 s; the installer writes it)
+///  └─ sent as grpc-timeout → agent deadline = 9/10 of it (agent_deadline; ≤ MAX_AGENT_DEADLINE)
+///      ├─ waiting for a worker: counts against the agent deadline
+///      └─ each kernel step (one netlink answer): ≤ KERNEL_STEP, and never past the agent
+///         deadline less KERNEL_MARGIN, so a hung step is reported naming the step, inside the
+///         agent's answer, inside the plugin's timeout
+/// ```
+pub mod deadlines {
+    use std::time::Duration;
+
+    /// How long one plugin call to the agent may take, connecting included, when the
+    /// conflist's `timeoutMs` does not say; the installer writes this value too. Long enough
+    /// for a node starting many pods at once (the agent queues them), short enough that a
+    /// runtime retrying code 11 starts the pod soon after the agent is back.
+    pub const PLUGIN_TIMEOUT: Duration = Duration::from_millis(5000);
+
+    /// The longest the agent works on a call whose caller sets no deadline (`sluicectl`).
+    pub const MAX_AGENT_DEADLINE: Duration = Duration::from_secs(30);
+
+    /// The agent's deadline for a caller that gives up after `caller`: nine tenths of it, so
+    /// the agent's own answer, saying what took too long, arrives before the caller's timer
+    /// fires; never more than [`MAX_AGENT_DEADLINE`].
+    pub fn agent_deadline(caller: Duration) -> Duration {
+        (caller * 9 / 10).min(MAX_AGENT_DEADLINE)
+    }
+
+    /// The longest one kernel step (one netlink answer) may take. The kernel answers nf_tables
+    /// batches and rtnetlink requests inside the `sendmsg` call, so waiting longer means no
+    /// answer is coming, never that the kernel is slow.
+    pub const KERNEL_STEP: Duration = Duration::from_secs(2);
+
+    /// Time kept back from the agent deadline when bounding a kernel step: enough to report
+    /// the step (and roll back) before the deadline passes.
+    pub const KERNEL_MARGIN: Duration = Duration::from_millis(200);
+
+    /// The bound on a kernel step when `left` remains of the call's deadline.
+    pub fn kernel_step(left: Duration) -> Duration {
+        left.saturating_sub(KERNEL_MARGIN)
+            .min(KERNEL_STEP)
+            .max(Duration::from_millis(1))
+    }
+
+    // With the default timeout a hung step is always reported by the agent, naming it, with
+    // room left for the rollback step that follows it.
+    const _: () = assert!(
+        2 * KERNEL_STEP.as_millis() + KERNEL_MARGIN.as_millis()
+            < PLUGIN_TIMEOUT.as_millis() * 9 / 10
+    );
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn each_bound_sits_inside_the_one_above_it() {
+            let agent = agent_deadline(PLUGIN_TIMEOUT);
+            assert_eq!(agent, Duration::from_millis(4500));
+            assert!(KERNEL_STEP < agent);
+            assert_eq!(kernel_step(agent), KERNEL_STEP);
+            // A short caller timeout shrinks the step instead of outliving the deadline.
+            let short = agent_deadline(Duration::from_millis(1000));
+            assert_eq!(kernel_step(short), Duration::from_millis(700));
+            assert_eq!(kernel_step(Duration::ZERO), Duration::from_millis(1));
+            assert_eq!(agent_deadline(Duration::from_secs(3600)), MAX_AGENT_DEADLINE);
+        }
+    }
+}
 
 /// CNI error codes: the spec's, and sluice's own (100+). The plugin answers with them; the
 /// agent labels its failure metrics with the one the runtime will see.
@@ -42,13 +128,12 @@ pub mod cni_code {
     /// sluice: the agent refused this plugin's credentials (SO_PEERCRED allow-list).
     pub const PERMISSION_DENIED: u32 = 102;
 
-    /// The code for an agent status: its gRPC code, the field it names
-    /// ([`super::FIELD_METADATA_KEY`]), and whether it was made on the client side from a
-    /// broken connection (`transport`: the call may or may not have been applied).
-    pub fn of_status(code: tonic::Code, field: &str, transport: bool) -> u32 {
+    /// The code for an agent status: its gRPC code and the field it names
+    /// ([`super::FIELD_METADATA_KEY`]). Transient conditions (unavailable, deadline, saturation,
+    /// the agent short of threads or file descriptors) are 11, which runtimes retry.
+    pub fn of_status(code: tonic::Code, field: &str) -> u32 {
         use tonic::Code;
         match code {
-            Code::Unknown | Code::Cancelled | Code::Internal if transport => TRY_AGAIN_LATER,
             Code::InvalidArgument if matches!(field, "netns" | "container_id") => INVALID_ENV,
             Code::InvalidArgument => INVALID_CONFIG,
             Code::NotFound if field == "netns" => UNKNOWN_CONTAINER,
@@ -71,4 +156,17 @@ pub mod annotations {
     /// Mesh annotations whose presence forwards a pod (the agent decides whether the profile
     /// is enabled).
     pub const PROFILE_TRIGGERS: [&str; 2] = [ISTIO_STATUS, LINKERD_PROXY_VERSION];
+
+    /// Whether these pod annotations ask for sluice: `sluice.dev/redirect` with any value but
+    /// `disabled` (a typo in the value is then rejected by the agent instead of silently
+    /// leaving the pod uncaptured), or a mesh injector's annotation while not explicitly
+    /// disabled. The plugin's gate (which pods reach the agent at all) and the reconciler's
+    /// (which sandboxes it looks at) are this one function.
+    pub fn opted_in<'a>(get: impl Fn(&str) -> Option<&'a str>) -> bool {
+        match get(REDIRECT) {
+            Some("disabled") => false,
+            Some(_) => true,
+            None => PROFILE_TRIGGERS.iter().any(|k| get(k).is_some()),
+        }
+    }
 }

@@ -687,6 +687,39 @@ pub fn prev_result_with(version: &str, ips: &[&str]) -> String {
     )
 }
 
+/// A table listing with the owner's attach time masked (`at=0`): what differs between two
+/// ADDs of the same plan at different times.
+pub fn untimed(listing: &str) -> String {
+    let mut out = String::with_capacity(listing.len());
+    let mut rest = listing;
+    while let Some(i) = rest.find(" at=") {
+        out.push_str(&rest[..i + 4]);
+        rest = &rest[i + 4..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        out.push('0');
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The interfaces a table listing's owner counts (its `if=` comments), in order.
+pub fn counted(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter(|l| l.contains("comment \"sluice/v2 if="))
+        .filter_map(|l| l.split(" if=").nth(1)?.split(' ').next().map(str::to_owned))
+        .collect()
+}
+
+/// The chains of a table listing, by name.
+pub fn chains(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {").map(str::to_owned))
+        .collect()
+}
+
 /// What one run of the plugin produced.
 #[derive(Debug)]
 pub struct CniRun {

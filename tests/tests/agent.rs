@@ -246,6 +246,61 @@ fn a_config_file_is_read_flags_win_and_logs_can_be_json() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `sluicectl explain` plans under the node's configuration, and says whose: the running
+/// agent's over its socket, or a config file's. On a mesh pod, native `sluice.dev/*` overrides
+/// are not applied unless the node allows it — an author's `sluice.dev/proxy-uid: 0` must not
+/// exempt every root process from Istio's proxy; explain says so, the ADD logs and counts it.
+#[test]
+fn native_overrides_on_a_mesh_pod_need_the_nodes_consent_and_explain_says_so() {
+    require_root();
+    let agent = Agent::start("overrides");
+    let istio_root = [
+        ("sidecar.istio.io/status", "{}"),
+        ("sluice.dev/proxy-uid", "0"),
+    ];
+    let explain = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("sluicectl"));
+        cmd.args(["--socket", &agent.socket_str(), "explain"]).args(extra);
+        for (k, v) in istio_root {
+            cmd.args(["-a", &format!("{k}={v}")]);
+        }
+        let out = cmd.output().expect("sluicectl explain");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let by_agent = explain(&[]);
+    assert!(
+        by_agent.contains(&format!("# planned under: the agent at {}", agent.socket_str())),
+        "{by_agent}"
+    );
+    assert!(
+        by_agent.contains("# note: not applied on a istio pod")
+            && by_agent.contains("sluice.dev/proxy-uid"),
+        "{by_agent}"
+    );
+    assert!(by_agent.contains("meta skuid 1337 return"), "{by_agent}");
+    assert!(!by_agent.contains("meta skuid 0 "), "{by_agent}");
+    let file = std::env::temp_dir().join(format!("sluice-overrides-{}.toml", std::process::id()));
+    std::fs::write(&file, "native-overrides-on-mesh-pods = true\n").expect("config");
+    let by_file = explain(&["--config", file.to_str().expect("utf8")]);
+    let _ = std::fs::remove_file(&file);
+    assert!(by_file.contains("# planned under: the config file"), "{by_file}");
+    assert!(by_file.contains("meta skuid 0 return"), "{by_file}");
+    assert!(!by_file.contains("# note:"), "{by_file}");
+    // The ADD applies what explain showed, and counts the pod.
+    let ns = Netns::new("sl-agent-overrides");
+    let stdin = conf("1.0.0", &agent.socket_str(), &istio_root, Some(&prev_result("1.0.0")));
+    assert_eq!(cni("ADD", "overrides", &ns.path(), &stdin).exit, 0);
+    let table = ns.sluice_table().expect("captured");
+    assert!(table.contains("meta skuid 1337 return") && !table.contains("meta skuid 0 "));
+    let metrics = scrape(&agent.metrics_url());
+    assert_eq!(
+        value(&metrics, r#"sluice_native_overrides_ignored_total{profile="istio"}"#),
+        1.0,
+        "{metrics}"
+    );
+}
+
 /// `sluicectl explain` (no agent needed) renders every mode: REDIRECT, TPROXY with its
 /// policy routing, dual-stack, and each profile, saying which profile produced the plan.
 #[test]

@@ -166,12 +166,15 @@ fn check_sees_every_kind_of_damage_and_never_false_drift() {
 /// what could be added is added, and the failure is reported for the next pass to retry.
 #[test]
 fn a_failed_repair_of_an_existing_capture_removes_nothing() {
-    use sluice::plan::{Decision, PlanDefaults, decide};
-    use sluice::program::{Act, reconcile};
-    use sluice::ruleset::{Owner, Ruleset};
+    use sluice::plan::{Families, PlanDefaults};
+    use sluice::program::{Act, Want, reconcile};
+    use sluice::ruleset::Attached;
 
     require_root();
-    let agent = Agent::start("check-repair");
+    let agent = Agent::start_with(
+        "check-repair",
+        &["--allow-unsafe-sysctl", "net.ipv4.conf.eth0.route_localnet"],
+    );
     let topo = Topology::new("chkrep");
     let ann = [
         ("sluice.dev/redirect", "enabled"),
@@ -199,22 +202,22 @@ fn a_failed_repair_of_an_existing_capture_removes_nothing() {
         .ip(&["rule", "del", "fwmark", "1337", "lookup", "133"]);
     topo.pod.ip(&["link", "del", "eth0"]);
 
-    let annotations = ann
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let ips = ["10.99.0.2".parse().expect("ip")];
-    let Ok(Decision::Capture { plan, .. }) = decide(&annotations, &ips, &PlanDefaults::default())
-    else {
-        panic!("a capture plan");
+    let want = Want {
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        defaults: PlanDefaults {
+            allowed_unsafe_sysctls: vec!["net.ipv4.conf.eth0.route_localnet".into()],
+            ..PlanDefaults::default()
+        },
+        pod_uid: "uid-chkrep".into(),
+        container_id: "chkrep".into(),
     };
-    let rs = Ruleset::from_plan(
-        &plan,
-        Owner::new(&plan.fingerprint(), "uid-chkrep", "chkrep"),
-    );
+    let fallback = [Attached::new("eth0", "", Families::IPV4)];
     let result = topo
         .pod
-        .run(move || reconcile(&rs, &plan, &[], Act::Repair, 1).map_err(|e| e.to_string()))
+        .run(move || reconcile(&want, &fallback, Act::Repair, 1).map_err(|e| e.to_string()))
         .expect("reconcile ran");
     assert!(!result.drift.is_empty());
     let repaired = result.repaired.expect("a repair was tried");

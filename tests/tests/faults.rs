@@ -118,7 +118,10 @@ fn attach_racing_detach_ends_as_the_last_verb_left_it() {
 #[test]
 fn a_failed_re_add_keeps_the_capture_in_place() {
     require_root();
-    let agent = Agent::start("readd");
+    let agent = Agent::start_with(
+        "readd",
+        &["--allow-unsafe-sysctl", "net.ipv4.conf.eth0.route_localnet"],
+    );
     let topo = Topology::new("readd");
     let mut ann = annotations();
     ann.push(("sluice.dev/sysctls", "net.ipv4.conf.eth0.route_localnet=1"));
@@ -421,7 +424,7 @@ fn a_pods_capture_goes_away_only_with_its_last_attachment() {
         let second = cni_on("net1", "ADD", id, &ns.path(), &stdin);
         assert_eq!(second.exit, 0, "{second:?}");
         let table = ns.sluice_table().expect("captured");
-        assert!(table.contains(" if=eth0,net1\""), "both counted: {table}");
+        assert_eq!(counted(&table), ["eth0", "net1"], "both counted: {table}");
         let list = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
         let rows = list.lines().filter(|l| l.starts_with(id)).count();
         assert_eq!(rows, 2, "one attachment per interface:\n{list}");
@@ -433,8 +436,9 @@ fn a_pods_capture_goes_away_only_with_its_last_attachment() {
             .unwrap_or_else(|e| panic!("{id}: still captured after the DEL of {}: {e}", order[0]));
         assert!(has_policy_rule(&ns), "{id}: device state kept");
         let table = ns.sluice_table().expect("captured");
-        assert!(
-            table.contains(&format!(" if={}\"", order[1])),
+        assert_eq!(
+            counted(&table),
+            [order[1]],
             "{id}: only {} counted now: {table}",
             order[1]
         );
@@ -448,4 +452,197 @@ fn a_pods_capture_goes_away_only_with_its_last_attachment() {
         let list = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
         assert!(!list.contains(id), "{list}");
     }
+}
+
+/// A pod's capture covers the IP families of all its attachments: a secondary network (Multus)
+/// with only an IPv6 address, or with none, never takes IPv4 capture away from what the
+/// primary brought, whatever the agent remembers (a restart in between too); a secondary that
+/// brings a family the primary lacks widens the capture, and its DEL narrows it back.
+#[test]
+fn a_secondary_network_never_narrows_the_pods_capture() {
+    require_root();
+    let mut agent = Agent::start("families");
+    let ann = [("sluice.dev/redirect", "enabled")];
+    let add_on = |agent: &Agent, ifname: &str, id: &str, ns: &Netns, ips: &[&str]| {
+        let prev = (!ips.is_empty()).then(|| prev_result_with("1.0.0", ips));
+        let stdin = conf("1.0.0", &agent.socket_str(), &ann, prev.as_deref());
+        let run = cni_on(ifname, "ADD", id, &ns.path(), &stdin);
+        assert_eq!(run.exit, 0, "{ifname}: {run:?}");
+        ns.sluice_table().expect("captured")
+    };
+    let del_on = |agent: &Agent, ifname: &str, id: &str, ns: &Netns| {
+        let stdin = conf("1.0.0", &agent.socket_str(), &ann, None);
+        assert_eq!(cni_on(ifname, "DEL", id, &ns.path(), &stdin).exit, 0);
+    };
+    let dual = ["inbound", "outbound", "inbound6", "outbound6"];
+    let has = |table: &str, want: &[&str]| {
+        let have = chains(table);
+        want.iter().all(|c| have.iter().any(|h| h == c))
+    };
+
+    // Dual-stack primary; a secondary with only IPv6, one with no address at all.
+    let ns = Netns::new("sl-fam-dual");
+    let primary = add_on(&agent, "eth0", "fam-dual", &ns, &["10.244.9.9/24", "fd00:244::9/64"]);
+    assert!(has(&primary, &dual), "{primary}");
+    let after_v6 = add_on(&agent, "net1", "fam-dual", &ns, &["fd00:99::9/64"]);
+    assert!(has(&after_v6, &dual), "IPv4 capture kept after net1: {after_v6}");
+    let after_none = add_on(&agent, "net2", "fam-dual", &ns, &[]);
+    assert!(has(&after_none, &dual), "{after_none}");
+    assert_eq!(counted(&after_none), ["eth0", "net1", "net2"]);
+    check(&agent, "fam-dual").expect("captured as planned");
+    // The agent forgets everything: the kernel's own count decides.
+    agent.restart();
+    let after_restart = add_on(&agent, "net3", "fam-dual", &ns, &["fd00:98::9/64"]);
+    assert!(has(&after_restart, &dual), "{after_restart}");
+    del_on(&agent, "net1", "fam-dual", &ns);
+    let table = ns.sluice_table().expect("still captured");
+    assert!(has(&table, &dual), "{table}");
+
+    // IPv4-only primary: an IPv6 secondary widens the capture; its DEL narrows it back.
+    let ns = Netns::new("sl-fam-v4");
+    let primary = add_on(&agent, "eth0", "fam-v4", &ns, &["10.244.9.10/24"]);
+    assert!(has(&primary, &["inbound", "outbound"]) && !has(&primary, &["inbound6"]));
+    let widened = add_on(&agent, "net1", "fam-v4", &ns, &["fd00:99::10/64"]);
+    assert!(has(&widened, &dual), "{widened}");
+    check(&agent, "fam-v4").expect("captured as planned");
+    del_on(&agent, "net1", "fam-v4", &ns);
+    let narrowed = ns.sluice_table().expect("still captured");
+    assert!(
+        has(&narrowed, &["inbound", "outbound"]) && !has(&narrowed, &["inbound6"]),
+        "{narrowed}"
+    );
+    check(&agent, "fam-v4").expect("captured as planned");
+}
+
+/// A re-ADD whose changed plan fails (its new sysctl cannot be written) puts back the capture
+/// it replaced as the kernel had it: the same rules, every attachment still counted, the
+/// device state; so the next DEL of one network leaves the pod captured.
+#[test]
+fn a_failed_plan_change_puts_back_the_capture_with_its_attachments() {
+    require_root();
+    let agent = Agent::start_with(
+        "putback",
+        &["--allow-unsafe-sysctl", "net.ipv4.conf.eth0.route_localnet"],
+    );
+    let topo = Topology::new("putback");
+    let plan_a = annotations();
+    let mut plan_b = annotations();
+    plan_b.push(("sluice.dev/sysctls", "net.ipv4.conf.eth0.route_localnet=1"));
+    let stdin = |ann: &[(&str, &str)]| {
+        conf("1.0.0", &agent.socket_str(), ann, Some(&prev_result("1.0.0")))
+    };
+    assert_eq!(cni_on("eth0", "ADD", "putback", &topo.pod.path(), &stdin(&plan_a)).exit, 0);
+    assert_eq!(cni_on("net1", "ADD", "putback", &topo.pod.path(), &stdin(&plan_a)).exit, 0);
+    let before = topo.pod.sluice_table().expect("captured");
+    topo.pod.ip(&["link", "del", "eth0"]);
+    let failed = cni_on("eth0", "ADD", "putback", &topo.pod.path(), &stdin(&plan_b));
+    assert_ne!(failed.exit, 0, "{failed:?}");
+    assert_eq!(
+        topo.pod.sluice_table().as_deref(),
+        Some(before.as_str()),
+        "the capture as it was, owner included"
+    );
+    assert!(has_policy_rule(&topo.pod));
+    check(&agent, "putback").expect("captured as before");
+    let del_stdin = conf("1.0.0", &agent.socket_str(), &plan_a, None);
+    assert_eq!(cni_on("net1", "DEL", "putback", &topo.pod.path(), &del_stdin).exit, 0);
+    let table = topo.pod.sluice_table().expect("eth0 still holds the capture");
+    assert_eq!(counted(&table), ["eth0"]);
+    assert!(has_policy_rule(&topo.pod));
+}
+
+/// The reconciler's pass works from a snapshot of the runtime's sandboxes; a DEL of a pod that
+/// comes after the snapshot (the pod is being deleted) wins: under the pod's lock the pass sees
+/// it and leaves the pod alone — no re-capture of a dying pod, no ghost record, no "repaired".
+#[test]
+fn the_reconciler_never_recaptures_a_pod_whose_del_came_after_its_snapshot() {
+    use sluice::reconcile::{Found, Repair, reconcile_sandbox};
+    use sluice_proto::v1::agent_server::Agent as _;
+    require_root();
+    let ns = Netns::new("sl-fault-dying");
+    let svc = Arc::new(service());
+    let sandbox = sluice::discovery::Sandbox {
+        id: "dying".into(),
+        pod: sluice_proto::v1::PodRef {
+            namespace: "default".into(),
+            name: "dying".into(),
+            uid: "uid-dying".into(),
+        },
+        annotations: [("sluice.dev/redirect".to_owned(), "enabled".to_owned())].into(),
+        netns: Some(ns.path()),
+        ips: vec!["10.99.0.2".into()],
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let found = rt.block_on(async {
+        let snapshot = std::time::Instant::now();
+        // The runtime's DEL arrives after the pass listed the sandbox.
+        svc.detach(tonic::Request::new(sluice_proto::v1::DetachRequest {
+            container_id: "dying".into(),
+            netns: String::new(),
+            ifname: "eth0".into(),
+        }))
+        .await
+        .expect("detach");
+        reconcile_sandbox(&svc, &sandbox, Repair::Apply, snapshot).await
+    });
+    assert_eq!(found, Found::Deleting);
+    assert!(ns.sluice_table().is_none(), "not re-captured");
+    assert!(svc.registry().is_empty(), "no ghost record");
+    // A pass whose snapshot came after the DEL repairs as usual (a pod can be re-created
+    // with the same sandbox id only by a new ADD, but a missing capture is still repaired).
+    let found = rt.block_on(reconcile_sandbox(
+        &svc,
+        &sandbox,
+        Repair::Apply,
+        std::time::Instant::now(),
+    ));
+    assert_eq!(found, Found::Repaired { reason: "missing" });
+    assert!(ns.sluice_table().is_some());
+}
+
+/// After an nftables batch the kernel did not answer, only the table that batch provably
+/// created is removed: a capture that was already there (a re-ADD's) stays.
+#[test]
+fn an_unanswered_batch_removes_only_the_table_it_sent() {
+    use sluice::plan::{Families, PlanDefaults};
+    use sluice::program::{Want, attach, remove_if_sent};
+    use sluice::ruleset::Attached;
+    require_root();
+    let ns = Netns::new("sl-fault-unanswered");
+    let removed = ns.run(|| {
+        let want = Want {
+            annotations: [("sluice.dev/redirect".to_owned(), "enabled".to_owned())].into(),
+            defaults: PlanDefaults::default(),
+            pod_uid: "uid-u".into(),
+            container_id: "unanswered".into(),
+        };
+        let eth0 = Attached::new("eth0", "n", Families::IPV4);
+        let first = attach(&want, eth0.clone(), &[], 1_000, None).expect("attach");
+        // A re-ADD's batch, a second later, got no answer: what is there is the earlier one.
+        let mut sent = first.planned.ruleset.owner.clone();
+        sent.attached_at = 1_001;
+        remove_if_sent(&sent);
+        let kept = sluice::nft::read().expect("read").is_some();
+        remove_if_sent(&first.planned.ruleset.owner);
+        let gone = sluice::nft::read().expect("read").is_none();
+        (kept, gone)
+    });
+    assert_eq!(removed, (true, true), "(the earlier capture kept, its own table removed)");
+}
+
+/// An agent service over /var/run/netns, as the agent builds it.
+fn service() -> sluice::service::AgentService {
+    let roots = vec![sluice::netns::Root::Dir("/var/run/netns".into())];
+    sluice::service::AgentService::new(
+        sluice::config::AgentConfig {
+            netns_roots: roots.clone(),
+            ..Default::default()
+        },
+        sluice::netns::Policy::new(roots).expect("policy"),
+        Arc::new(sluice::metrics::Metrics::new()),
+        Arc::new(std::sync::Mutex::new(Ok(()))),
+    )
 }

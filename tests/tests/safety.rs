@@ -183,7 +183,7 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
         let jobs: Vec<_> = (0..48)
             .map(|i| {
                 let ns = policy.open(&pods[i % 3].path()).expect("open");
-                tokio::spawn(async move { (i, ns.run(inode).await.expect("job")) })
+                tokio::spawn(async move { (i, ns.run(far(), inode).await.expect("job")) })
             })
             .collect();
         for job in jobs {
@@ -192,7 +192,7 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
         }
         let ns = policy.open(&pods[0].path()).expect("open");
         let panicked = ns
-            .run(|| -> u64 { panic!("a job that fails inside the pod") })
+            .run(far(), || -> u64 { panic!("a job that fails inside the pod") })
             .await;
         assert!(
             panicked.is_err(),
@@ -200,7 +200,7 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
         );
         for i in 0..16 {
             let ns = policy.open(&pods[i % 3].path()).expect("open");
-            assert_eq!(ns.run(inode).await.expect("after a panic"), want[i % 3]);
+            assert_eq!(ns.run(far(), inode).await.expect("after a panic"), want[i % 3]);
         }
     });
     assert_eq!(inode(), host, "the test thread itself never moved");
@@ -230,4 +230,9 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
             );
         }
     }
+}
+
+/// A deadline no job here comes near.
+fn far() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(60)
 }

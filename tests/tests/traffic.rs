@@ -13,9 +13,19 @@ fn attached(test: &str, annotations: &[(&str, &str)]) -> (Topology, Agent) {
 
 /// Like [`attached`] with these pod addresses in prevResult (they choose the IP families).
 fn attached_with(test: &str, ips: &[&str], annotations: &[(&str, &str)]) -> (Topology, Agent) {
+    attached_by(test, &[], ips, annotations)
+}
+
+/// Like [`attached_with`], the agent started with `flags`.
+fn attached_by(
+    test: &str,
+    flags: &[&str],
+    ips: &[&str],
+    annotations: &[(&str, &str)],
+) -> (Topology, Agent) {
     require_root();
     let topo = Topology::new(test);
-    let agent = Agent::start(test);
+    let agent = Agent::start_with(test, flags);
     let mut all = vec![("sluice.dev/redirect", "enabled")];
     all.extend_from_slice(annotations);
     let stdin = conf(
@@ -285,8 +295,11 @@ fn sysctl(ns: Option<&Netns>, name: &str) -> String {
 fn sysctls_are_written_inside_the_pod_only() {
     require_root();
     let host_before = sysctl(None, "net.ipv4.ip_unprivileged_port_start");
-    let (topo, _agent) = attached(
+    // route_localnet is not on Kubernetes' safe list: this node consents to it.
+    let (topo, _agent) = attached_by(
         "sysctl",
+        &["--allow-unsafe-sysctl", "net.ipv4.conf.all.route_localnet"],
+        &[POD_CIDR4],
         &[(
             "sluice.dev/sysctls",
             "net.ipv4.ip_unprivileged_port_start=80, net.ipv4.conf.all.route_localnet=1, net.ipv4.ip_local_port_range=20000-30000",
@@ -324,6 +337,9 @@ fn a_sysctl_off_the_allow_list_is_invalid_and_nothing_is_applied() {
         "kernel.pid_max=100000",
         "net.ipv4.ip_forward=1",
         "net.ipv4.conf.all.route_localnet=2",
+        // Unsafe in Kubernetes' terms, and this node did not consent.
+        "net.ipv4.conf.all.route_localnet=1",
+        "net.ipv6.conf.all.disable_ipv6=1",
     ] {
         let stdin = conf(
             "1.0.0",
@@ -336,6 +352,12 @@ fn a_sysctl_off_the_allow_list_is_invalid_and_nothing_is_applied() {
         );
         let run = cni("ADD", "sysbad", &ns.path(), &stdin);
         assert_eq!(run.error_code(), 7, "{value}: {run:?}");
+        if value.ends_with("=1") && !value.contains("forward") {
+            assert!(
+                run.stdout.contains("allowed-unsafe-sysctls"),
+                "names the setting that would allow it: {run:?}"
+            );
+        }
         assert!(
             run.json()["msg"]
                 .as_str()
@@ -353,7 +375,10 @@ fn a_failing_sysctl_rolls_back_earlier_sysctls_and_the_table() {
     // No eth0 in this netns: the second sysctl cannot be written.
     let ns = Netns::new("sl-sysroll");
     let before = sysctl(Some(&ns), "net.ipv4.ip_unprivileged_port_start");
-    let agent = Agent::start("sysroll");
+    let agent = Agent::start_with(
+        "sysroll",
+        &["--allow-unsafe-sysctl", "net.ipv4.conf.eth0.route_localnet"],
+    );
     let stdin = conf(
         "1.0.0",
         &agent.socket_str(),

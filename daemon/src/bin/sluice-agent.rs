@@ -50,6 +50,15 @@ struct Args {
     /// Seconds between reconcile passes [default: 15].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     reconcile_interval: Option<u64>,
+    /// A sysctl Kubernetes calls unsafe that pods on this node may set through
+    /// `sluice.dev/sysctls` (repeatable; as kubelet's --allowed-unsafe-sysctls) [default:
+    /// none: only Kubernetes' safe list].
+    #[arg(long = "allow-unsafe-sysctl")]
+    allowed_unsafe_sysctls: Vec<String>,
+    /// Apply native `sluice.dev/*` overrides to pods a mesh profile captures too [default:
+    /// off: a mesh's capture is the mesh's].
+    #[arg(long)]
+    native_overrides_on_mesh_pods: bool,
     /// Install into the node's CNI dirs at start-up and keep sluice-cni chained.
     #[arg(long)]
     install: bool,
@@ -76,8 +85,9 @@ struct Dirs {
     /// The sluice-cni binary to install [default: next to this binary].
     #[arg(long, global = true)]
     plugin: Option<PathBuf>,
-    /// The plugin's call timeout written into its config, in milliseconds.
-    #[arg(long, default_value_t = 5000, global = true)]
+    /// The plugin's call timeout written into its config, in milliseconds (the plugin's own
+    /// default when its config names none).
+    #[arg(long, default_value_t = sluice_proto::deadlines::PLUGIN_TIMEOUT.as_millis() as u64, global = true)]
     plugin_timeout_ms: u64,
 }
 
@@ -151,6 +161,15 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.reconcile_interval {
         config.reconcile_interval = std::time::Duration::from_secs(v);
+    }
+    if !args.allowed_unsafe_sysctls.is_empty() {
+        config.plan.allowed_unsafe_sysctls = sluice::config::unsafe_sysctls(
+            args.allowed_unsafe_sysctls,
+        )
+        .map_err(|e| anyhow::anyhow!("--allow-unsafe-sysctl: {e}"))?;
+    }
+    if args.native_overrides_on_mesh_pods {
+        config.plan.native_overrides_on_mesh_pods = true;
     }
     sluice::logging::init(config.log_format);
 

@@ -31,8 +31,14 @@ enum Command {
     Check { container_id: String },
     /// Whether the agent can program new pods.
     Status,
-    /// Print the `nft -f` text the plan for these annotations renders to (no agent needed).
+    /// Print the `nft -f` text the plan for these annotations renders to under this node's
+    /// configuration: the running agent's (asked over its socket), or with `--config` (or when
+    /// no agent answers) the agent config file's, else the built-in defaults. The first line
+    /// says which.
     Explain {
+        /// The agent's TOML config file to plan under, without asking the agent.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// A pod annotation as key=value (repeatable).
         #[arg(long = "annotation", short = 'a', value_parser = parse_kv)]
         annotations: Vec<(String, String)>,
@@ -61,16 +67,61 @@ async fn client(
     Ok(AgentClient::new(channel))
 }
 
+/// The explanation under the node's configuration, and where that configuration came from.
+fn explain(
+    socket: &std::path::Path,
+    config: Option<&std::path::Path>,
+    annotations: &BTreeMap<String, String>,
+    pod_ips: &[std::net::IpAddr],
+) -> anyhow::Result<(sluice_proto::v1::ExplainResponse, String)> {
+    let local = |defaults: &PlanDefaults, source: String| -> anyhow::Result<_> {
+        Ok((
+            sluice::service::explain(annotations, pod_ips, defaults)?,
+            source,
+        ))
+    };
+    if let Some(path) = config {
+        let mut cfg = sluice::config::AgentConfig::default();
+        sluice::config::FileConfig::load(path)?.apply(&mut cfg);
+        return local(&cfg.plan, format!("the config file {}", path.display()));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let asked = rt.block_on(async {
+        let mut agent = client(socket).await?;
+        let reply = agent
+            .explain(sluice_proto::v1::ExplainRequest {
+                annotations: annotations.clone().into_iter().collect(),
+                pod_ips: pod_ips.iter().map(ToString::to_string).collect(),
+            })
+            .await?;
+        anyhow::Ok(reply.into_inner())
+    });
+    match asked {
+        Ok(out) => Ok((out, format!("the agent at {}", socket.display()))),
+        Err(e) => local(
+            &PlanDefaults::default(),
+            format!("built-in defaults (no agent answered: {e:#}; pass --config to use a node's file)"),
+        ),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Command::Explain {
+        config,
         annotations,
         pod_ips,
         plan,
     } = &args.command
     {
         let annotations: BTreeMap<_, _> = annotations.iter().cloned().collect();
-        let out = sluice::service::explain(&annotations, pod_ips, &PlanDefaults::default())?;
+        let (out, source) = explain(&args.socket, config.as_deref(), &annotations, pod_ips)?;
+        println!("# planned under: {source}");
+        for note in &out.notes {
+            println!("# note: {note}");
+        }
         if out.outcome == Outcome::Skipped as i32 {
             println!("# skipped: {}", out.reason);
         } else {
@@ -99,15 +150,23 @@ fn main() -> anyhow::Result<()> {
             Command::List => {
                 let list = agent.list(ListRequest {}).await?.into_inner();
                 println!(
-                    "{:<14} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  NETNS",
-                    "CONTAINER", "IFNAME", "STATE", "POD", "FINGERPRINT", "PROFILE", "RULES"
+                    "{:<14} {:<16} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  NETNS",
+                    "CONTAINER",
+                    "IFNAME",
+                    "NETWORK",
+                    "STATE",
+                    "POD",
+                    "FINGERPRINT",
+                    "PROFILE",
+                    "RULES"
                 );
                 for a in list.attachments {
                     let pod = a.pod.unwrap_or_default();
                     println!(
-                        "{:<14} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  {}",
+                        "{:<14} {:<16} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  {}",
                         a.container_id.chars().take(12).collect::<String>(),
                         a.ifname,
+                        if a.network.is_empty() { "-" } else { &a.network },
                         a.state,
                         format!("{}/{}", pod.namespace, pod.name),
                         a.fingerprint,

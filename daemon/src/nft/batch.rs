@@ -10,21 +10,36 @@ use nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField};
 use nftnl::expr::{TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict as NftVerdict};
 use nftnl::{Batch, ChainType, FinalizedBatch, MsgType, ProtoFamily};
 
-use super::ffi::{Redir, TableMsg, Tproxy, table_udata};
-use crate::ruleset::{self, Family, Hook, Kind, L4, Match, Op, Ruleset, TABLE, Verdict};
+use super::ffi::{Redir, TableMsg, Tproxy};
+use crate::ruleset::{
+    self, Family, Hook, Kind, L4, Match, OWNER_CHAIN, Op, Owner, Ruleset, TABLE, Verdict,
+};
 
 fn cstring(s: &str) -> CString {
     CString::new(s).unwrap_or_else(|_| unreachable!("chain and table names are NUL-free literals"))
 }
 
-fn table_msg(owner: Option<&crate::ruleset::Owner>, exclusive: bool) -> TableMsg {
+/// The table message. No userdata: the owner lives in the `owner` chain (see
+/// `ruleset::Owner`), which every kernel keeps, where table comments need Linux 5.13.
+fn table_msg(exclusive: bool) -> TableMsg {
     TableMsg {
         name: cstring(TABLE),
         family: ProtoFamily::Inet,
         exclusive,
-        userdata: owner
-            .map(|o| table_udata(&o.to_comment(), &o.to_state()))
-            .unwrap_or_default(),
+    }
+}
+
+/// The `owner` chain's rules: `return`, carrying one comment each.
+fn add_owner(batch: &mut Batch, chain: &nftnl::Chain<'_>, owner: &Owner) {
+    for comment in owner.to_comments() {
+        let mut r = nftnl::Rule::new(chain);
+        r.add_expr(&nftnl::expr::Verdict::Return);
+        // Owner comments are bounded (MAX_COMMENT) and NUL-free by construction.
+        if let Ok(c) = CString::new(comment)
+            && r.set_comment(c).is_ok()
+        {
+            batch.add(&r, MsgType::Add);
+        }
     }
 }
 
@@ -43,15 +58,15 @@ pub(super) enum Mode {
 pub(super) fn install(rs: &Ruleset, mode: Mode) -> FinalizedBatch {
     let mut batch = Batch::new();
     if mode == Mode::Replace {
-        batch.add(&table_msg(None, false), MsgType::Add);
-        batch.add(&table_msg(None, false), MsgType::Del);
+        batch.add(&table_msg(false), MsgType::Add);
+        batch.add(&table_msg(false), MsgType::Del);
     }
-    batch.add(
-        &table_msg(Some(&rs.owner), mode == Mode::Create),
-        MsgType::Add,
-    );
+    batch.add(&table_msg(mode == Mode::Create), MsgType::Add);
 
     let table = nftnl::Table::new(cstring(TABLE), ProtoFamily::Inet);
+    let owner_chain = nftnl::Chain::new(cstring(OWNER_CHAIN), &table);
+    batch.add(&owner_chain, MsgType::Add);
+    add_owner(&mut batch, &owner_chain, &rs.owner);
     let chains: Vec<nftnl::Chain<'_>> = rs
         .chains
         .iter()
@@ -87,7 +102,21 @@ pub(super) fn install(rs: &Ruleset, mode: Mode) -> FinalizedBatch {
 /// Deletes the table; the kernel answers ENOENT when there is none.
 pub(super) fn delete() -> FinalizedBatch {
     let mut batch = Batch::new();
-    batch.add(&table_msg(None, false), MsgType::Del);
+    batch.add(&table_msg(false), MsgType::Del);
+    batch.finalize()
+}
+
+/// Rewrites the table's owner alone, in one transaction, leaving every capture chain as it is:
+/// the `owner` chain is created if missing (tables of earlier releases), flushed, and filled.
+/// The kernel answers ENOENT when there is no table.
+pub(super) fn set_owner(owner: &Owner) -> FinalizedBatch {
+    let mut batch = Batch::new();
+    let table = nftnl::Table::new(cstring(TABLE), ProtoFamily::Inet);
+    let chain = nftnl::Chain::new(cstring(OWNER_CHAIN), &table);
+    batch.add(&chain, MsgType::Add);
+    // A rule deletion naming the chain and no handle flushes the chain.
+    batch.add(&nftnl::Rule::new(&chain), MsgType::Del);
+    add_owner(&mut batch, &chain, owner);
     batch.finalize()
 }
 

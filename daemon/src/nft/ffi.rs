@@ -85,15 +85,13 @@ impl Expression for Tproxy {
     }
 }
 
-/// A table message with userdata (the comment), which `nftnl::Table` cannot carry.
+/// A table message that can be exclusive (create-only), which `nftnl::Table` cannot be.
 #[derive(Debug)]
 pub(super) struct TableMsg {
     pub name: CString,
     pub family: ProtoFamily,
     /// Add with NLM_F_EXCL: fail with EEXIST instead of reusing an existing table.
     pub exclusive: bool,
-    /// Raw userdata TLVs, see [`table_udata`].
-    pub userdata: Vec<u8>,
 }
 
 // Safety: `write` builds exactly one table message, far below nft_nlmsg_maxsize(), the space
@@ -110,20 +108,11 @@ unsafe impl nftnl::NlMsg for TableMsg {
             flags |= libc::NLM_F_CREATE | libc::NLM_F_EXCL;
         }
         // Safety: `table` is live until freed below; strings are NUL-terminated and copied by
-        // libnftnl; `userdata` outlives the set_data call, which copies it; `buf` has room for
-        // one message (trait contract).
+        // libnftnl; `buf` has room for one message (trait contract).
         unsafe {
             let t = table.as_ptr();
             sys::nftnl_table_set_u32(t, sys::NFTNL_TABLE_FAMILY as u16, self.family as u32);
             sys::nftnl_table_set_str(t, sys::NFTNL_TABLE_NAME as u16, self.name.as_ptr());
-            if !self.userdata.is_empty() {
-                sys::nftnl_table_set_data(
-                    t,
-                    sys::NFTNL_TABLE_USERDATA as u16,
-                    self.userdata.as_ptr().cast(),
-                    self.userdata.len() as u32,
-                );
-            }
             let header = sys::nftnl_nlmsg_build_hdr(
                 buf.cast::<c_char>(),
                 raw_type as u16,
@@ -137,32 +126,12 @@ unsafe impl nftnl::NlMsg for TableMsg {
     }
 }
 
-/// The userdata TLV type of sluice's own table state (full container id, attach time): not
-/// one `nft` knows, so `nft` skips it when listing (it reads only the comment, type 0) and
-/// operators see the comment alone.
+/// The userdata TLV type of the state releases before `sluice/v2` kept beside their table
+/// comment (full container id, attach time): read back from their tables, never written.
 pub(super) const UDATA_SLUICE_STATE: u8 = 0xa1;
 
-/// Table userdata: the comment TLV in the layout `nft` reads (`NFTNL_UDATA_TABLE_COMMENT`,
-/// length including the NUL, the string, NUL), then sluice's state TLV in the same layout.
-/// Each value is at most 254 bytes (callers bound them; the kernel takes 256 in all).
-pub(super) fn table_udata(comment: &str, state: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(comment.len() + state.len() + 6);
-    for (kind, value) in [
-        (sys::NFTNL_UDATA_TABLE_COMMENT as u8, comment),
-        (UDATA_SLUICE_STATE, state),
-    ] {
-        if value.is_empty() {
-            continue;
-        }
-        out.push(kind);
-        out.push((value.len() + 1) as u8);
-        out.extend_from_slice(value.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
-/// The value of TLV `kind` inside table userdata, if any (pure parse of the layout above).
+/// The value of TLV `kind` inside table or rule userdata, if any: libnftnl's layout (a type
+/// byte, a length byte counting the NUL, the string, NUL), which `nft` writes and reads.
 pub(super) fn udata_field(mut udata: &[u8], kind: u8) -> Option<String> {
     while udata.len() >= 2 {
         let (k, len) = (udata[0], udata[1] as usize);
@@ -206,6 +175,8 @@ pub(super) struct RuleInfo {
     pub table: String,
     pub chain: String,
     pub exprs: String,
+    /// The rule's comment (userdata TLV `NFTNL_UDATA_RULE_COMMENT`), if any.
+    pub comment: Option<String>,
 }
 
 /// Reads a NUL-terminated string attribute; `get` returns NULL when unset.
@@ -292,11 +263,17 @@ pub(super) fn parse_rule(nlh: &libc::nlmsghdr) -> Option<RuleInfo> {
                 .map_or("", |(_, e)| e)
                 .trim_end()
                 .to_owned();
+            let mut len = 0u32;
+            let data = sys::nftnl_rule_get_data(r, sys::NFTNL_RULE_USERDATA as u16, &mut len);
+            let comment = (!data.is_null())
+                .then(|| std::slice::from_raw_parts(data.cast::<u8>(), len as usize))
+                .and_then(|udata| udata_field(udata, sys::NFTNL_UDATA_RULE_COMMENT as u8));
             RuleInfo {
                 family: sys::nftnl_rule_get_u32(r, sys::NFTNL_RULE_FAMILY as u16),
                 table: string(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_TABLE as u16)),
                 chain: string(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_CHAIN as u16)),
                 exprs,
+                comment,
             }
         });
         sys::nftnl_rule_free(r);

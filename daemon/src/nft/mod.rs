@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use nftnl::FinalizedBatch;
 use nftnl::nftnl_sys::libc;
 
-use crate::ruleset::{Owner, Ruleset, TABLE};
+use crate::plan::Families;
+use crate::ruleset::{OWNER_CHAIN, Owner, Ruleset, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -56,19 +57,18 @@ impl NftError {
     }
 }
 
-/// The longest any receive on an nf_tables socket may wait. The kernel processes a batch (and
-/// a dump's first part) inside the `sendmsg` call, so its answer is already queued when `send`
-/// returns; waiting longer than this means no answer is coming, never that the kernel is slow.
-/// Kept well under the plugin's default 8 s so the CNI error names this step.
-pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// What the kernel holds in our table, in comparable form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveTable {
-    /// The table's comment (owner metadata), if any.
+    /// The comments of the `owner` chain's rules (see `ruleset::Owner`), in order; empty for a
+    /// table without that chain (earlier releases).
+    pub owner_comments: Vec<String>,
+    /// The table's comment and the state TLV beside it, as releases before `sluice/v2` wrote
+    /// their owner (never written now).
     pub comment: Option<String>,
-    /// sluice's state stored beside the comment (see `Owner::to_state`), if any.
     pub state: Option<String>,
+    /// Every chain but `owner`.
     pub chains: Vec<LiveChain>,
 }
 
@@ -82,49 +82,47 @@ pub struct LiveChain {
 }
 
 impl LiveTable {
+    /// The table's owner: from the `owner` chain, else from an earlier release's comment.
     pub fn owner(&self) -> Option<Owner> {
-        let mut owner = self.comment.as_deref().and_then(Owner::from_comment)?;
-        if let Some(state) = &self.state {
-            owner.read_state(state);
+        Owner::from_comments(&self.owner_comments).or_else(|| {
+            Owner::from_v1(
+                self.comment.as_deref()?,
+                self.state.as_deref(),
+                self.families(),
+            )
+        })
+    }
+
+    /// The families the table captures, from its per-family chains (IPv4's are `inbound`,
+    /// `outbound`, `tproxy_inbound`, IPv6's the same with a `6`).
+    pub fn families(&self) -> Families {
+        let has = |names: &[&str]| self.chains.iter().any(|c| names.contains(&c.name.as_str()));
+        Families {
+            ipv4: has(&["inbound", "outbound", "tproxy_inbound"]),
+            ipv6: has(&["inbound6", "outbound6", "tproxy_inbound6"]),
         }
-        Some(owner)
     }
 }
 
-/// What [`apply`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Applied {
-    /// There was no table; ours was created.
-    Created,
-    /// A table was there and was atomically replaced; its owner as it was (`None` when its
-    /// comment was not ours).
-    Replaced { previous: Option<Owner> },
+/// Creates `rs` as `inet sluice` in the current netns in one create-only transaction: the
+/// fresh-pod path (nothing is deleted, so the commit waits for no RCU grace period).
+/// `Ok(false)` when a table is already there (the kernel refused the whole batch); nothing
+/// was changed then.
+pub fn create(rs: &Ruleset) -> Result<bool, NftError> {
+    match send(&batch::install(rs, batch::Mode::Create)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.rejected_with() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
-/// Installs `rs` as `inet sluice` in the current netns, atomically. A fresh pod takes one
-/// create-only batch; if the table already exists (re-ADD) that batch is refused whole, the
-/// table's owner is read, and an atomic replace follows, so re-apply stays idempotent.
-pub fn apply(rs: &Ruleset) -> Result<Applied, NftError> {
-    match send(&batch::install(rs, batch::Mode::Create)) {
-        Err(e) if e.rejected_with() == Some(libc::EEXIST) => {
-            let previous = read()?.and_then(|t| t.owner());
-            // The interfaces already attached stay counted: a second network's ADD of the same
-            // pod adds its interface to the table's owner, and the capture stays until the
-            // DEL of the last of them.
-            let mut rs = rs.clone();
-            if let Some(p) = &previous
-                && !p.ifnames.is_empty()
-            {
-                let mine = std::mem::replace(&mut rs.owner.ifnames, p.ifnames.clone());
-                for ifname in &mine {
-                    if !rs.owner.attach(ifname) {
-                        tracing::warn!(%ifname, attached = ?rs.owner.ifnames, "no room to count this interface in the table's owner; its DEL will leave the capture to the others");
-                    }
-                }
-            }
-            replace(&rs).map(|()| Applied::Replaced { previous })
-        }
-        other => other.map(|()| Applied::Created),
+/// Rewrites the owner of the existing `inet sluice` alone (see `batch::set_owner`): the
+/// capture's chains stay exactly as they are. `Ok(false)` when there is no table.
+pub fn set_owner(owner: &Owner) -> Result<bool, NftError> {
+    match send(&batch::set_owner(owner)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.rejected_with() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -166,6 +164,7 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
     let Some((comment, state)) = table else {
         return Ok(None);
     };
+    let mut owner_comments = Vec::new();
     let mut chains: Vec<LiveChain> = Vec::new();
     dump(libc::NFT_MSG_GETCHAIN as u16, |nlh| {
         if let Some(c) = ffi::parse_chain(nlh)
@@ -183,12 +182,17 @@ pub fn read() -> Result<Option<LiveTable>, NftError> {
         if let Some(r) = ffi::parse_rule(nlh)
             && r.family == inet
             && r.table == TABLE
-            && let Some(c) = chains.iter_mut().find(|c| c.name == r.chain)
         {
-            c.rules.push(r.exprs);
+            if r.chain == OWNER_CHAIN {
+                owner_comments.extend(r.comment);
+            } else if let Some(c) = chains.iter_mut().find(|c| c.name == r.chain) {
+                c.rules.push(r.exprs);
+            }
         }
     })?;
+    chains.retain(|c| c.name != OWNER_CHAIN);
     Ok(Some(LiveTable {
+        owner_comments,
         comment,
         state,
         chains,
@@ -238,8 +242,9 @@ pub fn expected(rs: &Ruleset) -> LiveTable {
         }
     }
     LiveTable {
-        comment: Some(rs.owner.to_comment()),
-        state: Some(rs.owner.to_state()).filter(|s| !s.is_empty()),
+        owner_comments: rs.owner.to_comments(),
+        comment: None,
+        state: None,
         chains,
     }
 }
@@ -250,20 +255,22 @@ pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
         return vec![format!("table inet {TABLE} is missing")];
     };
     let mut out = Vec::new();
-    // Ownership is compared (which pod the table belongs to), not the whole comment: the
+    // Ownership is compared (which pod the table belongs to), not the whole owner: the
     // fingerprint labels what was applied and the rules below are compared one by one, so a
-    // table written by an earlier release (another fingerprint form) with the same rules is
-    // not drift; the interfaces attached are bookkeeping, not capture.
+    // table written by an earlier release (another fingerprint form, its owner in a table
+    // comment) with the same rules is not drift; the attachments are bookkeeping, not capture.
+    // Earlier releases kept only the first 12 characters of the container id.
     match (expected.owner(), live.owner()) {
         (Some(want), Some(have))
-            if want.container == have.container && want.pod_uid == have.pod_uid => {}
+            if want.container() == have.container() && want.pod_uid == have.pod_uid => {}
         (_, Some(have)) => out.push(format!(
             "the table belongs to another pod (container {}, pod uid {})",
-            have.container, have.pod_uid
+            have.container(),
+            have.pod_uid
         )),
         (_, None) => out.push(format!(
-            "the table's metadata is not sluice's: {:?}",
-            live.comment
+            "the table's metadata is not sluice's: owner chain {:?}, comment {:?}",
+            live.owner_comments, live.comment
         )),
     }
     for want in &expected.chains {
@@ -305,12 +312,12 @@ pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
 }
 
 /// A netfilter netlink socket of the calling thread's namespace. Every receive on it is
-/// bounded by [`RECEIVE_TIMEOUT`]; error answers carry only the failing message's header
+/// bounded by [`crate::netns::step_timeout`]; error answers carry only the failing message's header
 /// (NETLINK_CAP_ACK), so a batch with many failing rules cannot overflow the receive buffer
 /// with echoed payloads.
 fn socket() -> Result<mnl::Socket, NftError> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)?;
-    ffi::set_receive_timeout(&socket, RECEIVE_TIMEOUT).map_err(NftError::Socket)?;
+    ffi::set_receive_timeout(&socket, crate::netns::step_timeout()).map_err(NftError::Socket)?;
     // Best effort: without it (kernels before 4.3) errors echo the whole message, which only
     // costs receive-buffer space.
     let _ = ffi::set_int_option(&socket, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
@@ -396,12 +403,13 @@ fn send(batch: &FinalizedBatch) -> Result<(), NftError> {
     if sent < buf.len() {
         return Err(send_error(io::Error::other("short send")));
     }
-    if wait_for_ack(&socket, &buf, ack_seq, RECEIVE_TIMEOUT)? {
+    let limit = crate::netns::step_timeout();
+    if wait_for_ack(&socket, &buf, ack_seq, limit)? {
         Ok(())
     } else {
         Err(NftError::Timeout {
             step: "waiting for the kernel's verdict on the nftables batch",
-            timeout: RECEIVE_TIMEOUT,
+            timeout: limit,
         })
     }
 }
@@ -620,7 +628,7 @@ fn dump(msg: u16, mut each: impl FnMut(&libc::nlmsghdr)) -> Result<(), NftError>
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Err(NftError::Timeout {
                     step: "reading nftables state back from the kernel",
-                    timeout: RECEIVE_TIMEOUT,
+                    timeout: crate::netns::step_timeout(),
                 });
             }
             Err(e) => return Err(NftError::Dump(e)),

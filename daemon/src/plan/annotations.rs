@@ -30,25 +30,42 @@ const TPROXY_MARK: &str = "sluice.dev/tproxy-mark";
 const TPROXY_TABLE: &str = "sluice.dev/tproxy-table";
 const IP_FAMILIES: &str = "sluice.dev/ip-families";
 
-/// The sysctls a pod may ask for, each with the values it accepts. All are per network
-/// namespace, so writing them inside the pod's netns cannot touch the node.
-pub const SYSCTL_ALLOW_LIST: &[(&str, SysctlValue)] = &[
-    ("net.ipv4.conf.all.route_localnet", SysctlValue::Bool),
-    ("net.ipv4.conf.lo.route_localnet", SysctlValue::Bool),
-    ("net.ipv4.conf.eth0.route_localnet", SysctlValue::Bool),
-    (
-        "net.ipv4.ip_unprivileged_port_start",
-        SysctlValue::Range(0, 65535),
-    ),
+/// The sysctls a pod may ask for, each with the values it accepts and whether Kubernetes
+/// counts it as safe. All are per network namespace, so writing them inside the pod's netns
+/// cannot touch the node. The safe ones are those of Kubernetes' safe list (kubelet allows
+/// them for any pod, PodSecurity "baseline" admits them); the others need the node's consent
+/// (`allowed-unsafe-sysctls` in the agent config), as kubelet needs `--allowed-unsafe-sysctls`.
+pub const SYSCTL_ALLOW_LIST: &[(&str, SysctlValue, Safety)] = &[
+    ("net.ipv4.ip_local_port_range", SysctlValue::Pair(1, 65535), Safety::Safe),
+    ("net.ipv4.tcp_syncookies", SysctlValue::Bool, Safety::Safe),
     (
         "net.ipv4.ping_group_range",
         SysctlValue::Pair(0, 2_147_483_647),
+        Safety::Safe,
     ),
-    ("net.ipv4.ip_local_port_range", SysctlValue::Pair(1, 65535)),
-    ("net.ipv4.tcp_keepalive_time", SysctlValue::Range(1, 32767)),
-    ("net.ipv4.tcp_fin_timeout", SysctlValue::Range(1, 3600)),
-    ("net.ipv6.conf.all.disable_ipv6", SysctlValue::Bool),
+    (
+        "net.ipv4.ip_unprivileged_port_start",
+        SysctlValue::Range(0, 65535),
+        Safety::Safe,
+    ),
+    ("net.ipv4.tcp_keepalive_time", SysctlValue::Range(1, 32767), Safety::Safe),
+    ("net.ipv4.tcp_keepalive_intvl", SysctlValue::Range(1, 32767), Safety::Safe),
+    ("net.ipv4.tcp_keepalive_probes", SysctlValue::Range(1, 127), Safety::Safe),
+    ("net.ipv4.tcp_fin_timeout", SysctlValue::Range(1, 3600), Safety::Safe),
+    ("net.ipv4.conf.all.route_localnet", SysctlValue::Bool, Safety::NodeConsent),
+    ("net.ipv4.conf.lo.route_localnet", SysctlValue::Bool, Safety::NodeConsent),
+    ("net.ipv4.conf.eth0.route_localnet", SysctlValue::Bool, Safety::NodeConsent),
+    ("net.ipv6.conf.all.disable_ipv6", SysctlValue::Bool, Safety::NodeConsent),
 ];
+
+/// Whether a pod may set a sysctl on its own say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Safety {
+    /// On Kubernetes' safe list.
+    Safe,
+    /// Kubernetes calls it unsafe: only where the node's agent config allows it.
+    NodeConsent,
+}
 
 /// What values an allow-listed sysctl takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +127,15 @@ pub(super) fn native_defaults(d: &PlanDefaults) -> RedirectPlan {
             Loopback::istio(),
         )
     }
+}
+
+/// The `sluice.dev/*` annotations present that would override a plan (all but the opt-in
+/// switch), in key order.
+pub(super) fn overrides_present(ann: &BTreeMap<String, String>) -> Vec<String> {
+    ann.keys()
+        .filter(|k| k.starts_with(ANNOTATION_PREFIX) && k.as_str() != REDIRECT)
+        .cloned()
+        .collect()
 }
 
 /// Applies every `sluice.dev/*` annotation present over `plan`. An unknown `sluice.dev/` key
@@ -187,7 +213,9 @@ pub(super) fn apply_overrides(
         }
         CaptureMode::Redirect
     };
-    if let Some(v) = get(ann, SYSCTLS, |v| list(v, sysctl))? {
+    if let Some(v) = get(ann, SYSCTLS, |v| {
+        list(v, |s| sysctl(s, &defaults.allowed_unsafe_sysctls))
+    })? {
         plan.sysctls = v;
     }
     let dns_port = get(ann, DNS_PORT, port)?;
@@ -250,17 +278,25 @@ pub(super) fn get<T>(
         .transpose()
 }
 
-/// `name=value` with `name` on the allow-list and `value` of its kind (`a b` pairs may be
-/// written `a b` or `a-b`).
-pub(super) fn sysctl(s: &str) -> Result<(String, String), String> {
+/// `name=value` with `name` on the allow-list — and, if Kubernetes calls it unsafe, among the
+/// node's `allowed_unsafe` — and `value` of its kind (`a b` pairs may be written `a b` or
+/// `a-b`).
+pub(super) fn sysctl(s: &str, allowed_unsafe: &[String]) -> Result<(String, String), String> {
     let (name, value) = s
         .trim()
         .split_once('=')
         .ok_or_else(|| format!("{:?} is not name=value", s.trim()))?;
     let (name, value) = (name.trim(), value.trim());
-    let Some((_, kind)) = SYSCTL_ALLOW_LIST.iter().find(|(n, _)| *n == name) else {
-        return Err(format!("sysctl {name:?} is not on the allow-list"));
+    let Some((_, kind, safety)) = SYSCTL_ALLOW_LIST.iter().find(|(n, ..)| *n == name) else {
+        return Err(format!(
+            "sysctl {name:?} is not one sluice sets (per network namespace, on its allow-list)"
+        ));
     };
+    if *safety == Safety::NodeConsent && !allowed_unsafe.iter().any(|a| a == name) {
+        return Err(format!(
+            "sysctl {name} is not on Kubernetes' safe list; the node allows it with allowed-unsafe-sysctls = [\"{name}\"] in the agent config"
+        ));
+    }
     let int = |v: &str, lo: u32, hi: u32| {
         v.parse::<u32>()
             .ok()

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-pub use annotations::{ANNOTATION_PREFIX, REDIRECT, SYSCTL_ALLOW_LIST, native_keys};
+pub use annotations::{ANNOTATION_PREFIX, REDIRECT, SYSCTL_ALLOW_LIST, Safety, native_keys};
 
 /// Most rules one pod's table may hold. A rule is ~250 bytes in the netlink batch, so a plan
 /// at this bound is a ~2 MiB transaction, which the agent sizes its socket for. Every Linkerd
@@ -107,18 +107,62 @@ impl Families {
         ipv4: false,
         ipv6: true,
     };
+    /// No family: an attachment without addresses.
+    pub const NONE: Families = Families {
+        ipv4: false,
+        ipv6: false,
+    };
 
     /// The families of the pod's addresses. With no address known (no `prevResult`), both:
     /// capturing a family the pod does not use costs nothing, missing one would leave the pod
     /// uncaptured.
     pub fn of(pod_ips: &[IpAddr]) -> Self {
-        if pod_ips.is_empty() {
-            return Families::DUAL;
-        }
+        Self::present(pod_ips).or_dual()
+    }
+
+    /// Exactly the families among `ips` (none for none).
+    pub fn present(ips: &[IpAddr]) -> Self {
         Families {
-            ipv4: pod_ips.iter().any(IpAddr::is_ipv4),
-            ipv6: pod_ips.iter().any(IpAddr::is_ipv6),
+            ipv4: ips.iter().any(IpAddr::is_ipv4),
+            ipv6: ips.iter().any(IpAddr::is_ipv6),
         }
+    }
+
+    /// Both families when none is known (see [`Families::of`]).
+    pub fn or_dual(self) -> Self {
+        if self == Families::NONE {
+            Families::DUAL
+        } else {
+            self
+        }
+    }
+
+    pub fn union(self, other: Families) -> Self {
+        Families {
+            ipv4: self.ipv4 || other.ipv4,
+            ipv6: self.ipv6 || other.ipv6,
+        }
+    }
+
+    /// `4`, `6`, `4,6`, or `-` for none: the form the table's owner records.
+    pub fn to_word(self) -> &'static str {
+        match (self.ipv4, self.ipv6) {
+            (true, true) => "4,6",
+            (true, false) => "4",
+            (false, true) => "6",
+            (false, false) => "-",
+        }
+    }
+
+    /// Reads [`Families::to_word`]'s form; `None` for anything else.
+    pub fn from_word(word: &str) -> Option<Self> {
+        Some(match word {
+            "4,6" | "6,4" => Families::DUAL,
+            "4" => Families::IPV4,
+            "6" => Families::IPV6,
+            "-" => Families::NONE,
+            _ => return None,
+        })
     }
 }
 
@@ -339,6 +383,13 @@ pub struct PlanDefaults {
     pub istio: bool,
     /// Read Linkerd's annotations (pods with `linkerd.io/proxy-version`).
     pub linkerd: bool,
+    /// Sysctls Kubernetes calls unsafe that pods on this node may set anyway (the node's
+    /// consent, as kubelet's `--allowed-unsafe-sysctls`); see [`SYSCTL_ALLOW_LIST`].
+    pub allowed_unsafe_sysctls: Vec<String>,
+    /// Whether native `sluice.dev/*` overrides apply to a pod a mesh profile captures. Off by
+    /// default: a mesh's capture is the mesh's (Istio offers no knob to exempt root, say), so
+    /// an annotation a pod's author adds cannot widen what bypasses the mesh's proxy.
+    pub native_overrides_on_mesh_pods: bool,
 }
 
 impl Default for PlanDefaults {
@@ -353,6 +404,8 @@ impl Default for PlanDefaults {
             tproxy_table: 133,
             istio: true,
             linkerd: true,
+            allowed_unsafe_sysctls: Vec::new(),
+            native_overrides_on_mesh_pods: false,
         }
     }
 }
@@ -388,23 +441,37 @@ pub enum Decision {
     Capture {
         plan: RedirectPlan,
         profile: Profile,
+        /// Native `sluice.dev/*` annotations present on a mesh pod and not applied (see
+        /// [`PlanDefaults::native_overrides_on_mesh_pods`]); empty otherwise.
+        ignored: Vec<String>,
     },
     /// Leave the pod alone, for this reason.
     Skip { reason: String },
 }
 
 /// Decides a pod's capture from its annotations and addresses. Pure: same input, same output.
-///
-/// The captured IP families follow the pod's addresses (see [`Families::of`]) unless
-/// `sluice.dev/ip-families` names them.
-///
-/// `sluice.dev/redirect: disabled` always skips. Otherwise a pod injected by a mesh whose
-/// profile is enabled gets that mesh's plan, and a pod with `sluice.dev/redirect: enabled`
-/// gets the native defaults; in both cases every other `sluice.dev/*` annotation present
-/// overrides the corresponding field (native annotations win over profile annotations).
+/// See [`decide_for`]; the families are those of `pod_ips` (both when there are none).
 pub fn decide(
     annotations: &BTreeMap<String, String>,
     pod_ips: &[IpAddr],
+    defaults: &PlanDefaults,
+) -> Result<Decision, PlanError> {
+    decide_for(annotations, Families::of(pod_ips), defaults)
+}
+
+/// Decides a pod's capture from its annotations and the IP families of its addresses (of all
+/// its attachments). Pure: same input, same output.
+///
+/// The captured IP families are `families` unless `sluice.dev/ip-families` names them.
+///
+/// `sluice.dev/redirect: disabled` always skips. Otherwise a pod injected by a mesh whose
+/// profile is enabled gets that mesh's plan, and a pod with `sluice.dev/redirect: enabled`
+/// gets the native defaults. Every other `sluice.dev/*` annotation present overrides the
+/// corresponding field of a native plan; on a mesh pod only where the node allows it
+/// ([`PlanDefaults::native_overrides_on_mesh_pods`]), and otherwise they are listed as ignored.
+pub fn decide_for(
+    annotations: &BTreeMap<String, String>,
+    families: Families,
     defaults: &PlanDefaults,
 ) -> Result<Decision, PlanError> {
     let opted_in = match annotations::redirect(annotations)? {
@@ -442,9 +509,18 @@ pub fn decide(
             reason: "the mesh's interception mode is NONE".into(),
         });
     };
-    plan.families = Families::of(pod_ips);
-    annotations::apply_overrides(annotations, defaults, &mut plan)?;
-    Ok(Decision::Capture { plan, profile })
+    plan.families = families;
+    let ignored = if profile == Profile::Native || defaults.native_overrides_on_mesh_pods {
+        annotations::apply_overrides(annotations, defaults, &mut plan)?;
+        Vec::new()
+    } else {
+        annotations::overrides_present(annotations)
+    };
+    Ok(Decision::Capture {
+        plan,
+        profile,
+        ignored,
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ fn plan(pairs: &[(&str, &str)]) -> RedirectPlan {
     let mut all = vec![("sluice.dev/redirect", "enabled")];
     all.extend_from_slice(pairs);
     match decide4(&ann(&all), &PlanDefaults::default()) {
-        Ok(Decision::Capture { plan, profile }) => {
+        Ok(Decision::Capture { plan, profile, .. }) => {
             assert_eq!(profile, Profile::Native);
             plan
         }
@@ -173,7 +173,9 @@ const LINKERD: (&str, &str) = ("linkerd.io/proxy-version", "stable-2.14.10");
 
 #[test]
 fn istio_pods_get_istio_cni_defaults() {
-    let Decision::Capture { plan: p, profile } = decide_with(&[ISTIO], &PlanDefaults::default())
+    let Decision::Capture {
+        plan: p, profile, ..
+    } = decide_with(&[ISTIO], &PlanDefaults::default())
     else {
         panic!("istio pod is captured")
     };
@@ -240,7 +242,9 @@ fn istio_interception_modes() {
 
 #[test]
 fn linkerd_pods_get_proxy_init_defaults_and_skip_annotations() {
-    let Decision::Capture { plan: p, profile } = decide_with(
+    let Decision::Capture {
+        plan: p, profile, ..
+    } = decide_with(
         &[
             LINKERD,
             ("config.linkerd.io/skip-outbound-ports", "3306,4567-4569"),
@@ -271,16 +275,55 @@ fn linkerd_pods_get_proxy_init_defaults_and_skip_annotations() {
 }
 
 #[test]
-fn native_annotations_win_and_disabled_profiles_skip() {
-    let Decision::Capture { plan: p, profile } = decide_with(
-        &[ISTIO, ("sluice.dev/outbound-port", "15111")],
-        &PlanDefaults::default(),
-    ) else {
+fn native_overrides_on_mesh_pods_need_the_nodes_consent_and_disabled_profiles_skip() {
+    // By default a mesh's capture is the mesh's: an author's `sluice.dev/proxy-uid: 0` must
+    // not exempt every root process from Istio's proxy. Listed as ignored, nothing applied,
+    // not even validated.
+    let pod = [
+        ISTIO,
+        ("sluice.dev/outbound-port", "15111"),
+        ("sluice.dev/proxy-uid", "0"),
+        ("sluice.dev/mode", "bogus"),
+    ];
+    let Decision::Capture {
+        plan: p,
+        profile,
+        ignored,
+    } = decide_with(&pod, &PlanDefaults::default())
+    else {
+        panic!("captured")
+    };
+    assert_eq!(
+        (profile, p.outbound_port, p.proxy_uid),
+        (Profile::Istio, 15001, 1337)
+    );
+    assert_eq!(
+        ignored,
+        ["sluice.dev/mode", "sluice.dev/outbound-port", "sluice.dev/proxy-uid"]
+    );
+    // With the node's consent, native annotations win over the profile's.
+    let consent = PlanDefaults {
+        native_overrides_on_mesh_pods: true,
+        ..PlanDefaults::default()
+    };
+    let Decision::Capture {
+        plan: p,
+        profile,
+        ignored,
+    } = decide_with(&pod[..2], &consent)
+    else {
         panic!("captured")
     };
     assert_eq!(
         (profile, p.outbound_port, p.exclude_outbound_ports.clone()),
         (Profile::Istio, 15111, vec![15020])
+    );
+    assert!(ignored.is_empty());
+    assert_eq!(
+        decide4(&ann(&pod), &consent)
+            .expect_err("validated once applied")
+            .annotation,
+        "sluice.dev/mode"
     );
     assert!(matches!(
         decide_with(
@@ -352,12 +395,46 @@ fn dns_capture_is_off_by_default_and_switchable_with_a_port() {
 
 #[test]
 fn sysctls_are_allow_listed_and_normalised() {
+    let value = " net.ipv4.ip_local_port_range = 20000-30000 ,net.ipv4.conf.all.route_localnet=1";
+    // Kubernetes calls route_localnet unsafe: refused without the node's consent, naming the
+    // sysctl and the setting that would allow it.
+    let e = error(&[
+        ("sluice.dev/redirect", "enabled"),
+        ("sluice.dev/sysctls", value),
+    ]);
+    assert_eq!(e.annotation, "sluice.dev/sysctls");
+    assert!(
+        e.reason.contains("net.ipv4.conf.all.route_localnet")
+            && e.reason.contains("allowed-unsafe-sysctls"),
+        "{e}"
+    );
+    let consent = PlanDefaults {
+        allowed_unsafe_sysctls: vec!["net.ipv4.conf.all.route_localnet".into()],
+        ..PlanDefaults::default()
+    };
+    let Ok(Decision::Capture { plan: p, .. }) = decide4(
+        &ann(&[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/sysctls", value),
+        ]),
+        &consent,
+    ) else {
+        panic!("allowed by the node")
+    };
+    // Every sysctl on Kubernetes' safe list is accepted without consent.
+    for (name, _, safety) in SYSCTL_ALLOW_LIST {
+        let v = if name.ends_with("range") { "1 2" } else { "1" };
+        let r = decide4(
+            &ann(&[
+                ("sluice.dev/redirect", "enabled"),
+                ("sluice.dev/sysctls", &format!("{name}={v}")),
+            ]),
+            &PlanDefaults::default(),
+        );
+        assert_eq!(r.is_ok(), *safety == Safety::Safe, "{name}: {r:?}");
+    }
     assert_eq!(
-        plan(&[(
-            "sluice.dev/sysctls",
-            " net.ipv4.ip_local_port_range = 20000-30000 ,net.ipv4.conf.all.route_localnet=1"
-        )])
-        .sysctls,
+        p.sysctls,
         vec![
             (
                 "net.ipv4.ip_local_port_range".to_owned(),
@@ -376,10 +453,14 @@ fn sysctls_are_allow_listed_and_normalised() {
         "net.ipv4.ip_local_port_range=3 2",
         "novalue",
     ] {
-        let e = error(&[
-            ("sluice.dev/redirect", "enabled"),
-            ("sluice.dev/sysctls", bad),
-        ]);
+        let e = decide4(
+            &ann(&[
+                ("sluice.dev/redirect", "enabled"),
+                ("sluice.dev/sysctls", bad),
+            ]),
+            &consent,
+        )
+        .expect_err(bad);
         assert_eq!(e.annotation, "sluice.dev/sysctls", "{bad}");
     }
 }
@@ -452,7 +533,7 @@ fn tproxy_mode_native_and_istio() {
         ("sluice.dev/tproxy-mark", "7"),
     ]);
     assert!(e.reason.contains("mode: tproxy"), "{e}");
-    let Ok(Decision::Capture { plan, profile }) = decide4(
+    let Ok(Decision::Capture { plan, profile, .. }) = decide4(
         &ann(&[
             ("sidecar.istio.io/status", "{}"),
             ("sidecar.istio.io/interceptionMode", "TPROXY"),

@@ -4,7 +4,10 @@
 //! the kernel gets). Keeping one lowering for both is what makes the golden text a faithful
 //! picture of what is programmed.
 
+mod owner;
 mod text;
+
+pub use owner::{Attached, MAX_ATTACHMENTS, MAX_COMMENT, Owner};
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -16,150 +19,9 @@ use crate::plan::{CaptureMode, Cidrs, Loopback, Ports, RedirectPlan};
 /// Name of sluice's table in every pod netns (family `inet`).
 pub const TABLE: &str = "sluice";
 
-/// Metadata stored in the table's comment so ownership can be read back from the kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    /// Plan fingerprint.
-    pub fingerprint: String,
-    /// Pod UID (may be empty when the runtime gave none).
-    pub pod_uid: String,
-    /// Container (sandbox) id, shortened to 12 characters like `docker ps` shows.
-    pub container: String,
-    /// The interfaces (CNI_IFNAME) attached with this capture, in the order their ADDs came: a
-    /// pod on several networks (Multus chaining sluice into more than one) keeps its capture
-    /// until the DEL of the last of them. Empty when unknown (tables written before this field
-    /// existed): any DEL removes such a table.
-    pub ifnames: Vec<String>,
-    /// The full container (sandbox) id, kept beside the comment (not shown by `nft`), so the
-    /// agent can match a table to the runtime's sandbox after a restart. Empty when unknown.
-    pub container_id: String,
-    /// Unix time (seconds) of the ADD that installed or last re-installed the capture; 0 when
-    /// unknown (tables written before this field existed).
-    pub attached_at: u64,
-}
-
-const OWNER_TAG: &str = "sluice/v1";
-
-/// Longest comment written: `nft` refuses longer comments in its input, and a table whose
-/// `nft list ruleset` output cannot be loaded back would surprise an operator.
-pub const MAX_COMMENT: usize = 128;
-
-impl Owner {
-    pub fn new(fingerprint: &str, pod_uid: &str, container_id: &str) -> Self {
-        // The runtime's values are input: keep the comment parseable (no spaces or `=`) and
-        // bounded (a Kubernetes UID is 36 characters).
-        let clean = |s: &str, max: usize| -> String {
-            s.chars()
-                .filter(|c| !c.is_whitespace() && *c != '=' && *c != '"')
-                .take(max)
-                .collect()
-        };
-        Self {
-            fingerprint: fingerprint.to_owned(),
-            pod_uid: clean(pod_uid, 36),
-            container: clean(container_id, 12),
-            ifnames: Vec::new(),
-            container_id: clean(container_id, 128),
-            attached_at: 0,
-        }
-    }
-
-    /// The same owner, attached at `unix` seconds.
-    pub fn at(mut self, unix: u64) -> Self {
-        self.attached_at = unix;
-        self
-    }
-
-    /// The state kept beside the comment: `id=<container id> at=<unix>` (what is known).
-    pub fn to_state(&self) -> String {
-        let mut words = Vec::new();
-        if !self.container_id.is_empty() {
-            words.push(format!("id={}", self.container_id));
-        }
-        if self.attached_at != 0 {
-            words.push(format!("at={}", self.attached_at));
-        }
-        words.join(" ")
-    }
-
-    /// Reads what [`Owner::to_state`] wrote; unknown words are ignored.
-    pub fn read_state(&mut self, state: &str) {
-        for (k, v) in state.split(' ').filter_map(|w| w.split_once('=')) {
-            match k {
-                "id" => self.container_id = v.to_owned(),
-                "at" => self.attached_at = v.parse().unwrap_or(0),
-                _ => {}
-            }
-        }
-    }
-
-    /// The same owner, for the attachment on interface `ifname` alone.
-    pub fn on(mut self, ifname: &str) -> Self {
-        self.ifnames.clear();
-        self.attach(ifname);
-        self
-    }
-
-    /// Counts `ifname` among the attached interfaces. `false` when it cannot be recorded: not
-    /// an interface name (at most 15 bytes; no spaces, `=` or `,`), or no room left in the
-    /// comment (see [`MAX_COMMENT`]; two 15-byte names always fit, seven `netN` names do).
-    /// Already counted is `true`.
-    pub fn attach(&mut self, ifname: &str) -> bool {
-        if self.ifnames.iter().any(|i| i == ifname) {
-            return true;
-        }
-        let valid = !ifname.is_empty()
-            && ifname.len() < 16
-            && !ifname.contains(|c: char| c.is_whitespace() || c == '=' || c == ',' || c == '"');
-        if !valid {
-            return false;
-        }
-        self.ifnames.push(ifname.to_owned());
-        if self.to_comment().len() > MAX_COMMENT {
-            self.ifnames.pop();
-            return false;
-        }
-        true
-    }
-
-    /// The comment text: at most [`MAX_COMMENT`] bytes.
-    pub fn to_comment(&self) -> String {
-        let mut comment = format!(
-            "{OWNER_TAG} fp={} pod={} cid={}",
-            self.fingerprint, self.pod_uid, self.container
-        );
-        if !self.ifnames.is_empty() {
-            comment += &format!(" if={}", self.ifnames.join(","));
-        }
-        comment
-    }
-
-    /// Parses a comment written by [`Owner::to_comment`]; `None` for anything else.
-    pub fn from_comment(comment: &str) -> Option<Self> {
-        let mut words = comment.split(' ');
-        if words.next()? != OWNER_TAG {
-            return None;
-        }
-        let mut owner = Owner::new("", "", "");
-        for word in words {
-            let (k, v) = word.split_once('=')?;
-            match k {
-                "fp" => owner.fingerprint = v.to_owned(),
-                "pod" => owner.pod_uid = v.to_owned(),
-                "cid" => owner.container = v.to_owned(),
-                "if" => {
-                    owner.ifnames = v
-                        .split(',')
-                        .filter(|i| !i.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                }
-                _ => {}
-            }
-        }
-        Some(owner)
-    }
-}
+/// The chain holding the table's [`Owner`] as rule comments. Nothing jumps to it, so its
+/// rules (`return`, with the comment) never see a packet.
+pub const OWNER_CHAIN: &str = "owner";
 
 /// Layer 4 protocols we match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -758,41 +620,5 @@ impl fmt::Display for Hook {
             Hook::Prerouting => "prerouting",
             Hook::Output => "output",
         })
-    }
-}
-
-#[cfg(test)]
-mod owner_tests {
-    use super::*;
-
-    #[test]
-    fn the_owner_counts_interfaces_within_the_comment_limit() {
-        let uid = "0123456789abcdef0123456789abcdef0123";
-        let mut o = Owner::new("0123456789abcdef", uid, "c0ffee0123456789").on("eth0");
-        assert!(
-            o.attach("net1") && o.attach("eth0"),
-            "a repeat is counted once"
-        );
-        assert_eq!(o.ifnames, ["eth0", "net1"]);
-        let mut back = Owner::from_comment(&o.to_comment()).expect("parses");
-        back.read_state(&o.clone().at(1_763_797_200).to_state());
-        assert_eq!(back, o.clone().at(1_763_797_200));
-        assert_eq!(back.container_id, "c0ffee0123456789");
-        for bad in ["", "a b", "a=b", "a,b", "sixteen-bytes-xx", "q\""] {
-            assert!(!o.attach(bad), "{bad:?}");
-        }
-        let mut n = 2;
-        while o.attach(&format!("net{n}")) {
-            n += 1;
-        }
-        assert!(n >= 7, "seven netN names fit: {:?}", o.ifnames);
-        assert!(o.to_comment().len() <= MAX_COMMENT);
-        let mut long = Owner::new("0123456789abcdef", uid, "c0ffee0123456789");
-        assert!(long.attach("fifteen-bytes-1") && long.attach("fifteen-bytes-2"));
-        assert!(long.to_comment().len() <= MAX_COMMENT);
-        assert_eq!(
-            Owner::from_comment("sluice/v1 fp=a pod= cid=b").map(|o| o.ifnames),
-            Some(vec![])
-        );
     }
 }

@@ -6,8 +6,8 @@ use std::fmt::Write;
 use ipnet::IpNet;
 
 use super::{
-    Base, Family, Hook, Kind, Match, Op, PRIORITY_DSTNAT, PRIORITY_MANGLE, Rule, Ruleset, TABLE,
-    Verdict,
+    Base, Family, Hook, Kind, Match, OWNER_CHAIN, Op, PRIORITY_DSTNAT, PRIORITY_MANGLE, Rule,
+    Ruleset, TABLE, Verdict,
 };
 
 pub(super) fn script(rs: &Ruleset) -> String {
@@ -21,11 +21,13 @@ pub(super) fn script(rs: &Ruleset) -> String {
 
 pub(super) fn listing(rs: &Ruleset) -> String {
     let mut out = format!("table inet {TABLE} {{\n");
-    let _ = writeln!(out, "\tcomment {:?}", rs.owner.to_comment());
-    for (i, chain) in rs.chains.iter().enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
+    let _ = writeln!(out, "\tchain {OWNER_CHAIN} {{");
+    for comment in rs.owner.to_comments() {
+        let _ = writeln!(out, "\t\treturn comment {comment:?}");
+    }
+    out.push_str("\t}\n");
+    for chain in &rs.chains {
+        out.push('\n');
         let _ = writeln!(out, "\tchain {} {{", chain.name);
         if let Some(base) = chain.base {
             let _ = writeln!(
