@@ -63,9 +63,7 @@ where
 fn to_cni(socket: &str, e: CallError) -> CniError {
     let code = match &e {
         CallError::Connect(_) | CallError::Timeout(_) | CallError::Transport(_) => TRY_AGAIN_LATER,
-        CallError::Status { code, field, .. } => {
-            sluice_proto::cni_code::of_status(*code, field)
-        }
+        CallError::Status { code, field, .. } => sluice_proto::cni_code::of_status(*code, field),
     };
     let msg = match (&e, code) {
         (CallError::Connect(_) | CallError::Timeout(_), _) => {

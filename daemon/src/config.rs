@@ -261,7 +261,11 @@ pub fn unsafe_sysctls(list: Vec<String>) -> Result<Vec<String>, String> {
     for name in &list {
         match SYSCTL_ALLOW_LIST.iter().find(|(n, ..)| n == name) {
             Some((_, _, Safety::NodeConsent)) => {}
-            Some(_) => return Err(format!("{name} is on Kubernetes' safe list: no consent needed")),
+            Some(_) => {
+                return Err(format!(
+                    "{name} is on Kubernetes' safe list: no consent needed"
+                ));
+            }
             None => {
                 let known: Vec<&str> = SYSCTL_ALLOW_LIST
                     .iter()

@@ -119,7 +119,6 @@ impl DeviceSetup {
     }
 }
 
-
 thread_local! {
     /// The rtnetlink runtime of a netns worker thread, built on its first device step and kept
     /// for the thread's life: building one per attach (an epoll instance, an eventfd, timer

@@ -54,8 +54,8 @@ pub enum CriError {
 pub struct Listing {
     pub sandboxes: Vec<Sandbox>,
     pub failed: Vec<(String, CriError)>,
-    /// READY sandboxes that do not ask for capture (not looked at further).
-    pub not_asking: usize,
+    /// The ids of READY sandboxes that do not ask for capture (not looked at further).
+    pub not_asking: Vec<String>,
 }
 
 /// One READY pod sandbox with its own network namespace.
@@ -163,7 +163,9 @@ impl Cri {
                 let asks = sluice_proto::annotations::opted_in(|k| {
                     item.annotations.get(k).map(String::as_str)
                 });
-                listing.not_asking += usize::from(!asks);
+                if !asks {
+                    listing.not_asking.push(item.id.clone());
+                }
                 asks
             })
             .collect();

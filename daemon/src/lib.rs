@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod netns;
 pub mod nft;
 pub mod plan;
+pub mod ports;
 pub mod privileges;
 pub mod probe;
 pub mod program;

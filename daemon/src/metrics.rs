@@ -78,7 +78,8 @@ pub struct Metrics {
     /// READY pods that ask for capture and lack it or have drifted, left alone (repair =
     /// report) or whose repair failed, as of the last reconcile pass.
     pub uncaptured_pods: Gauge,
-    /// Reconcile passes by result (`ok`, `error`: the runtime did not answer).
+    /// Reconcile passes by result (`ok`; `partial`: some sandboxes' status could not be read;
+    /// `error`: the runtime could not be listed).
     pub reconcile_passes: Family<Outcome, Counter>,
     /// 1 while the agent answers its readiness probe SERVING (install in place, kernel path
     /// working), else 0.
@@ -229,7 +230,7 @@ impl Metrics {
                 profile: profile.into(),
             }));
         }
-        for result in ["ok", "error"] {
+        for result in ["ok", "partial", "error"] {
             drop(m.reconcile_passes.get_or_create(&Outcome {
                 result: result.into(),
                 reason: String::new(),
@@ -333,21 +334,22 @@ fn process_figures() -> Option<(u64, f64)> {
 }
 
 /// Binds the metrics address (start-up fails on a taken port rather than running blind).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+pub async fn bind(addr: SocketAddr) -> std::io::Result<crate::ports::Bounded> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics served at /metrics");
-    Ok(listener)
+    Ok(crate::ports::Bounded::new(listener, "metrics"))
 }
 
-/// Serves `/metrics` until the task is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+/// How long a scraper may take to send its request headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `/metrics` until the task is dropped, a bounded number of connections at a time,
+/// each for a bounded time (see `ports`); it keeps serving whatever one connection does.
+pub async fn serve(listener: crate::ports::Bounded, metrics: Arc<Metrics>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = listener.accept().await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
@@ -369,6 +371,8 @@ pub async fn serve(
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(io, service)
                 .await
             {

@@ -14,8 +14,8 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use sluice_proto::deadlines;
 use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
+use sluice_proto::deadlines;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {

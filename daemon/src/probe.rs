@@ -52,7 +52,10 @@ impl KernelFeatures {
             })
         };
         need("the nf_tables REDIRECT path", &self.redirect)?;
-        need("exact nftables read-back (rules and their comments)", &self.read_back)?;
+        need(
+            "exact nftables read-back (rules and their comments)",
+            &self.read_back,
+        )?;
         need("address protocol tags (IFA_PROTO)", &self.address_protocol)
     }
 
@@ -200,16 +203,14 @@ fn probe_here() -> KernelFeatures {
         (plan::REDIRECT, "enabled"),
         ("sluice.dev/mode", "tproxy"),
     ]))
-    .and_then(
-        |_| {
-            program::detach().map_err(|e| e.to_string())?;
-            // The policy routing must be gone too.
-            match device::teardown() {
-                Ok(false) => Ok(()),
-                Ok(true) => Err("detach left policy routing behind".into()),
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    );
+    .and_then(|_| {
+        program::detach().map_err(|e| e.to_string())?;
+        // The policy routing must be gone too.
+        match device::teardown() {
+            Ok(false) => Ok(()),
+            Ok(true) => Err("detach left policy routing behind".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
     f
 }

@@ -58,7 +58,10 @@ impl ProgramError {
             | ProgramError::Teardown(DeviceError::Connect(e) | DeviceError::Runtime(e)) => Some(e),
             _ => None,
         };
-        self.is_timeout() || io.and_then(std::io::Error::raw_os_error).is_some_and(transient_errno)
+        self.is_timeout()
+            || io
+                .and_then(std::io::Error::raw_os_error)
+                .is_some_and(transient_errno)
     }
 }
 
@@ -370,7 +373,11 @@ pub enum Detached {
 /// nothing torn down first); without `want` it is left as it is, and Check reports the
 /// difference until a re-ADD or the reconciler makes it equal.
 pub fn detach_for(ifname: &str, want: Option<&Want>) -> Result<Detached, ProgramError> {
-    let live = if ifname.is_empty() { None } else { nft::read()? };
+    let live = if ifname.is_empty() {
+        None
+    } else {
+        nft::read()?
+    };
     let Some((live, mut owner)) = live
         .and_then(|l| l.owner().map(|o| (l, o)))
         .filter(|(_, o)| !o.attachments.is_empty())
@@ -503,11 +510,13 @@ fn complete_fresh(plan: &RedirectPlan, start: Instant) -> Result<Timings, Progra
     let nft_at_ns = now_ns();
     let setup = DeviceSetup::from_plan(plan);
     let result = device::setup(&setup, device::Setup::Fresh).and_then(|()| {
-        device::write_sysctls(&setup.sysctls).map(drop).inspect_err(|_| {
-            if let Err(e) = device::teardown() {
-                tracing::error!(error = %e, "removing device setup after a failed sysctl");
-            }
-        })
+        device::write_sysctls(&setup.sysctls)
+            .map(drop)
+            .inspect_err(|_| {
+                if let Err(e) = device::teardown() {
+                    tracing::error!(error = %e, "removing device setup after a failed sysctl");
+                }
+            })
     });
     if let Err(e) = result {
         if let Err(rb) = nft::remove() {

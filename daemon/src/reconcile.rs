@@ -111,9 +111,9 @@ pub async fn pass(
         }
     };
     let sandboxes = listing.sandboxes;
-    service.set_sandboxes(&sandboxes);
+    service.set_sandboxes(&sandboxes, &listing.not_asking);
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-    counts.insert("not_asking", listing.not_asking);
+    counts.insert("not_asking", listing.not_asking.len());
     let mut uncaptured = 0i64;
     for sb in &sandboxes {
         let found = reconcile_sandbox(service, sb, repair, started).await;
@@ -257,7 +257,9 @@ pub async fn reconcile_sandbox(
         let now = crate::service::unix_now();
         let until = Instant::now() + crate::work::DEFAULT_WAIT;
         let visit = ns
-            .run(until, move || program::reconcile(&want, &fallback, act, now))
+            .run(until, move || {
+                program::reconcile(&want, &fallback, act, now)
+            })
             .await;
         let r = match visit {
             Ok(Ok(r)) => r,
@@ -333,4 +335,128 @@ pub async fn reconcile_sandbox(
         .run_for(&sb.id, work)
         .await
         .unwrap_or(Found::Uncaptured { reason: "busy" })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use sluice_proto::cri::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+    use sluice_proto::cri::{
+        ListPodSandboxRequest, ListPodSandboxResponse, PodSandbox, PodSandboxMetadata,
+        PodSandboxState, PodSandboxStatus, PodSandboxStatusRequest, PodSandboxStatusResponse,
+    };
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// A runtime with `pods` READY sandboxes asking for capture, each carrying 200 KiB of
+    /// annotations (Kubernetes allows 256 KiB), plus one that does not ask; the status of
+    /// sandbox `broken` cannot be read.
+    #[derive(Debug)]
+    struct Runtime {
+        pods: usize,
+    }
+
+    #[tonic::async_trait]
+    impl RuntimeService for Runtime {
+        async fn list_pod_sandbox(
+            &self,
+            _: Request<ListPodSandboxRequest>,
+        ) -> Result<Response<ListPodSandboxResponse>, Status> {
+            let big = "x".repeat(200 * 1024);
+            let sandbox = |id: String, asks: bool| PodSandbox {
+                metadata: Some(PodSandboxMetadata {
+                    name: id.clone(),
+                    namespace: "default".into(),
+                    uid: format!("uid-{id}"),
+                    attempt: 0,
+                }),
+                id,
+                state: PodSandboxState::SandboxReady as i32,
+                annotations: HashMap::from([
+                    (
+                        if asks { "sluice.dev/redirect" } else { "other" }.to_owned(),
+                        "enabled".to_owned(),
+                    ),
+                    (
+                        "kubectl.kubernetes.io/last-applied-configuration".into(),
+                        big.clone(),
+                    ),
+                ]),
+                ..Default::default()
+            };
+            let mut items: Vec<PodSandbox> = (0..self.pods)
+                .map(|i| sandbox(format!("pod-{i}"), true))
+                .collect();
+            items.push(sandbox("broken".into(), true));
+            items.push(sandbox("plain".into(), false));
+            Ok(Response::new(ListPodSandboxResponse { items }))
+        }
+
+        async fn pod_sandbox_status(
+            &self,
+            req: Request<PodSandboxStatusRequest>,
+        ) -> Result<Response<PodSandboxStatusResponse>, Status> {
+            let id = req.into_inner().pod_sandbox_id;
+            if id == "broken" {
+                return Err(Status::internal("failed to read the sandbox's state"));
+            }
+            Ok(Response::new(PodSandboxStatusResponse {
+                status: Some(PodSandboxStatus {
+                    id,
+                    state: PodSandboxState::SandboxReady as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
+        }
+    }
+
+    /// One pass over a runtime whose list is past gRPC's default 4 MiB, with one sandbox whose
+    /// status cannot be read: every other sandbox is looked at, the pass says it is
+    /// incomplete (status and metric), and the next good pass says it works again.
+    #[tokio::test]
+    async fn a_pass_survives_a_large_list_and_a_failing_sandbox() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let socket = dir.path().join("cri.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    RuntimeServiceServer::new(Runtime { pods: 25 })
+                        .max_encoding_message_size(usize::MAX),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let mut cri = Cri::new(&socket);
+        let listing = cri.ready_sandboxes().await.expect("a 5 MiB list is read");
+        assert_eq!(listing.sandboxes.len(), 25);
+        assert_eq!(listing.not_asking, ["plain"]);
+        assert_eq!(listing.failed.len(), 1);
+        assert_eq!(listing.failed[0].0, "broken");
+
+        let service = Arc::new(AgentService::new(
+            crate::config::AgentConfig::default(),
+            crate::netns::Policy {
+                roots: vec![crate::netns::Root::Dir("/nonexistent".into())],
+                host: crate::netns::NsId { dev: 0, ino: 0 },
+            },
+            Arc::new(crate::metrics::Metrics::new()),
+            Arc::new(std::sync::Mutex::new(Ok(()))),
+        ));
+        let mut state = PassState::default();
+        pass(&service, &mut cri, Repair::Apply, &mut state).await;
+        let status = service.discovery_status();
+        assert!(status.starts_with("INCOMPLETE since "), "{status}");
+        assert!(
+            status.contains("1 could not be read (first broken"),
+            "{status}"
+        );
+        let metrics = service.metrics().render();
+        assert!(
+            metrics.contains("sluice_reconcile_passes_total{result=\"partial\",reason=\"\"} 1"),
+            "{metrics}"
+        );
+    }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use sluice_proto::v1::agent_server::AgentServer;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
@@ -225,9 +224,11 @@ pub async fn serve(
                 .await
                 .map_err(|e| ServeError::Health(addr, e))?;
             tracing::info!(addr = %listener.local_addr().map_err(|e| ServeError::Health(addr, e))?, "gRPC health served on TCP");
+            // Bounded connections, each for a bounded time (see `ports`): the port is on the
+            // node's address, reachable by any pod.
             let server = tonic::transport::Server::builder()
                 .add_service(health.clone())
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+                .serve_with_incoming(crate::ports::Bounded::new(listener, "health").incoming());
             Some(tokio::spawn(server))
         }
         None => None,
@@ -273,7 +274,7 @@ pub async fn serve(
             AgentServer::from_arc(service),
             peer_filter(allow, peer_metrics),
         ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(crate::ports::unix_incoming(listener), async move {
             stopped.notified().await
         });
     tokio::pin!(server);

@@ -45,6 +45,8 @@ pub struct AgentService {
     /// When the last DEL of each container arrived (recent ones only): the reconciler never
     /// re-captures a pod whose DEL came after its snapshot.
     detached: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// The ids of READY sandboxes that do not ask for capture, as of the last pass.
+    not_asking: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
@@ -67,6 +69,7 @@ impl AgentService {
             work: crate::work::Work::default(),
             sandboxes: std::sync::Mutex::default(),
             detached: std::sync::Mutex::default(),
+            not_asking: std::sync::Mutex::default(),
             discovery: std::sync::Mutex::new(
                 "off: no CRI socket configured; the agent works from the plugin's calls alone"
                     .to_owned(),
@@ -98,10 +101,21 @@ impl AgentService {
             .clone()
     }
 
-    /// Keeps the runtime's READY sandboxes of the last pass.
-    pub fn set_sandboxes(&self, list: &[crate::discovery::Sandbox]) {
+    /// Keeps the runtime's READY sandboxes of the last pass: those asking for capture, and
+    /// the ids of the others (what Check needs to answer for them).
+    pub fn set_sandboxes(&self, list: &[crate::discovery::Sandbox], not_asking: &[String]) {
         *self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()) =
             list.iter().map(|s| (s.id.clone(), s.clone())).collect();
+        *self.not_asking.lock().unwrap_or_else(|p| p.into_inner()) =
+            not_asking.iter().cloned().collect();
+    }
+
+    /// Whether the last pass listed `id` as a READY sandbox that does not ask for capture.
+    fn does_not_ask(&self, id: &str) -> bool {
+        self.not_asking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 
     fn sandbox(&self, id: &str) -> Option<crate::discovery::Sandbox> {
@@ -310,7 +324,6 @@ pub fn attached(record: &Record) -> Attached {
 fn to_map(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     m.into_iter().collect()
 }
-
 
 /// A metrics label for a failed call.
 fn error_reason(s: &Status) -> &'static str {
@@ -718,19 +731,25 @@ impl AgentService {
                 pod_ips: sb.ips,
             });
         }
+        // A sandbox the runtime lists that does not ask for capture: nothing is expected of it
+        // (the plugin's CHECK, which names the netns, still finds a stray table).
+        if records.is_empty() && req.netns.is_empty() && self.does_not_ask(&req.container_id) {
+            return Ok(Response::new(CheckResponse {
+                ok: true,
+                ..Default::default()
+            }));
+        }
         let record = records.first();
         let netns = if req.netns.is_empty() {
-            record
-                .map(|r| r.attachment.netns.clone())
-                .ok_or_else(|| {
-                    with_field(
-                        Status::not_found(bounded(format!(
-                            "container_id: no attachment recorded for {} and no netns given",
-                            req.container_id
-                        ))),
-                        "container_id",
-                    )
-                })?
+            record.map(|r| r.attachment.netns.clone()).ok_or_else(|| {
+                with_field(
+                    Status::not_found(bounded(format!(
+                        "container_id: no attachment recorded for {} and no netns given",
+                        req.container_id
+                    ))),
+                    "container_id",
+                )
+            })?
         } else {
             req.netns.clone()
         };
@@ -893,7 +912,11 @@ mod tests {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
         let mut req = Request::new(());
-        assert_eq!(deadline(&req), deadlines::MAX_AGENT_DEADLINE, "no deadline given");
+        assert_eq!(
+            deadline(&req),
+            deadlines::MAX_AGENT_DEADLINE,
+            "no deadline given"
+        );
         req.metadata_mut()
             .insert("grpc-timeout", "2000m".parse().expect("ascii"));
         assert_eq!(deadline(&req), Duration::from_millis(1800));

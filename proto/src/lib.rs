@@ -99,7 +99,10 @@ pub mod deadlines {
             let short = agent_deadline(Duration::from_millis(1000));
             assert_eq!(kernel_step(short), Duration::from_millis(700));
             assert_eq!(kernel_step(Duration::ZERO), Duration::from_millis(1));
-            assert_eq!(agent_deadline(Duration::from_secs(3600)), MAX_AGENT_DEADLINE);
+            assert_eq!(
+                agent_deadline(Duration::from_secs(3600)),
+                MAX_AGENT_DEADLINE
+            );
         }
     }
 }

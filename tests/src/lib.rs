@@ -716,7 +716,12 @@ pub fn counted(listing: &str) -> Vec<String> {
 pub fn chains(listing: &str) -> Vec<String> {
     listing
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {").map(str::to_owned))
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("chain ")?
+                .strip_suffix(" {")
+                .map(str::to_owned)
+        })
         .collect()
 }
 

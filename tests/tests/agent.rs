@@ -260,7 +260,8 @@ fn native_overrides_on_a_mesh_pod_need_the_nodes_consent_and_explain_says_so() {
     ];
     let explain = |extra: &[&str]| {
         let mut cmd = std::process::Command::new(bin("sluicectl"));
-        cmd.args(["--socket", &agent.socket_str(), "explain"]).args(extra);
+        cmd.args(["--socket", &agent.socket_str(), "explain"])
+            .args(extra);
         for (k, v) in istio_root {
             cmd.args(["-a", &format!("{k}={v}")]);
         }
@@ -270,7 +271,10 @@ fn native_overrides_on_a_mesh_pod_need_the_nodes_consent_and_explain_says_so() {
     };
     let by_agent = explain(&[]);
     assert!(
-        by_agent.contains(&format!("# planned under: the agent at {}", agent.socket_str())),
+        by_agent.contains(&format!(
+            "# planned under: the agent at {}",
+            agent.socket_str()
+        )),
         "{by_agent}"
     );
     assert!(
@@ -284,18 +288,29 @@ fn native_overrides_on_a_mesh_pod_need_the_nodes_consent_and_explain_says_so() {
     std::fs::write(&file, "native-overrides-on-mesh-pods = true\n").expect("config");
     let by_file = explain(&["--config", file.to_str().expect("utf8")]);
     let _ = std::fs::remove_file(&file);
-    assert!(by_file.contains("# planned under: the config file"), "{by_file}");
+    assert!(
+        by_file.contains("# planned under: the config file"),
+        "{by_file}"
+    );
     assert!(by_file.contains("meta skuid 0 return"), "{by_file}");
     assert!(!by_file.contains("# note:"), "{by_file}");
     // The ADD applies what explain showed, and counts the pod.
     let ns = Netns::new("sl-agent-overrides");
-    let stdin = conf("1.0.0", &agent.socket_str(), &istio_root, Some(&prev_result("1.0.0")));
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &istio_root,
+        Some(&prev_result("1.0.0")),
+    );
     assert_eq!(cni("ADD", "overrides", &ns.path(), &stdin).exit, 0);
     let table = ns.sluice_table().expect("captured");
     assert!(table.contains("meta skuid 1337 return") && !table.contains("meta skuid 0 "));
     let metrics = scrape(&agent.metrics_url());
     assert_eq!(
-        value(&metrics, r#"sluice_native_overrides_ignored_total{profile="istio"}"#),
+        value(
+            &metrics,
+            r#"sluice_native_overrides_ignored_total{profile="istio"}"#
+        ),
         1.0,
         "{metrics}"
     );

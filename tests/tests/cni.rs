@@ -380,8 +380,13 @@ fn gc_of_one_network_never_touches_another_networks_attachments() {
     require_root();
     let agent = Agent::start("gc-nets");
     let network = |name: &str, version: &str| {
-        conf(version, &agent.socket_str(), &redirect(), Some(&prev_result(version)))
-            .replacen(r#""name":"example-net""#, &format!(r#""name":"{name}""#), 1)
+        conf(
+            version,
+            &agent.socket_str(),
+            &redirect(),
+            Some(&prev_result(version)),
+        )
+        .replacen(r#""name":"example-net""#, &format!(r#""name":"{name}""#), 1)
     };
     let (a_live, a_stale, b_pod) = (
         Netns::new("sl-gcn-alive"),
@@ -405,7 +410,10 @@ fn gc_of_one_network_never_touches_another_networks_attachments() {
     let run = cni("GC", "", "", &gc);
     assert_eq!(run.exit, 0, "{run:?}");
     assert!(a_live.sluice_table().is_some(), "valid: kept");
-    assert!(a_stale.sluice_table().is_none(), "net-a's stale attachment: cleaned");
+    assert!(
+        a_stale.sluice_table().is_none(),
+        "net-a's stale attachment: cleaned"
+    );
     assert!(
         b_pod.sluice_table().is_some(),
         "net-b's attachment is not net-a's GC's to touch"
@@ -429,7 +437,12 @@ fn status_succeeds_while_the_agent_is_away_unless_the_conflist_opts_in() {
     let stdin = conf("1.1.0", &agent.socket_str(), &[], None);
     let status = cni("STATUS", "", "", &stdin);
     assert_eq!(status.exit, 0, "the node stays ready: {status:?}");
-    let plain = conf("1.1.0", &agent.socket_str(), &[], Some(&prev_result("1.1.0")));
+    let plain = conf(
+        "1.1.0",
+        &agent.socket_str(),
+        &[],
+        Some(&prev_result("1.1.0")),
+    );
     assert_eq!(
         cni("ADD", "status-plain", &topo.pod.path(), &plain).exit,
         0,
@@ -472,9 +485,24 @@ fn del_succeeds_and_removes_the_capture_whatever_the_config_looks_like() {
         Some(&prev_result("1.0.0")),
     );
     for (what, from, to, removed) in [
-        ("cniVersion 9.9.9", r#""cniVersion":"1.0.0""#, r#""cniVersion":"9.9.9""#, true),
-        ("timeoutMs soon", r#""timeoutMs":"#, r#""timeoutMs":"soon","x":"#, true),
-        ("agentSocket 5", r#""agentSocket":"#, r#""agentSocket":5,"x":"#, false),
+        (
+            "cniVersion 9.9.9",
+            r#""cniVersion":"1.0.0""#,
+            r#""cniVersion":"9.9.9""#,
+            true,
+        ),
+        (
+            "timeoutMs soon",
+            r#""timeoutMs":"#,
+            r#""timeoutMs":"soon","x":"#,
+            true,
+        ),
+        (
+            "agentSocket 5",
+            r#""agentSocket":"#,
+            r#""agentSocket":5,"x":"#,
+            false,
+        ),
         ("not JSON", "{", "][", false),
     ] {
         assert_eq!(cni("ADD", "del-any", &ns.path(), &good).exit, 0, "{what}");
@@ -483,7 +511,10 @@ fn del_succeeds_and_removes_the_capture_whatever_the_config_looks_like() {
         let run = cni("DEL", "del-any", &ns.path(), &bad);
         assert_eq!((run.exit, run.stdout.as_str()), (0, ""), "{what}: {run:?}");
         if removed {
-            assert!(ns.sluice_table().is_none(), "{what}: the capture is removed");
+            assert!(
+                ns.sluice_table().is_none(),
+                "{what}: the capture is removed"
+            );
         } else {
             // The agent cannot be found where this config points: the rules go with the
             // namespace, and the runtime is told nothing is wrong.

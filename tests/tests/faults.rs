@@ -482,10 +482,19 @@ fn a_secondary_network_never_narrows_the_pods_capture() {
 
     // Dual-stack primary; a secondary with only IPv6, one with no address at all.
     let ns = Netns::new("sl-fam-dual");
-    let primary = add_on(&agent, "eth0", "fam-dual", &ns, &["10.244.9.9/24", "fd00:244::9/64"]);
+    let primary = add_on(
+        &agent,
+        "eth0",
+        "fam-dual",
+        &ns,
+        &["10.244.9.9/24", "fd00:244::9/64"],
+    );
     assert!(has(&primary, &dual), "{primary}");
     let after_v6 = add_on(&agent, "net1", "fam-dual", &ns, &["fd00:99::9/64"]);
-    assert!(has(&after_v6, &dual), "IPv4 capture kept after net1: {after_v6}");
+    assert!(
+        has(&after_v6, &dual),
+        "IPv4 capture kept after net1: {after_v6}"
+    );
     let after_none = add_on(&agent, "net2", "fam-dual", &ns, &[]);
     assert!(has(&after_none, &dual), "{after_none}");
     assert_eq!(counted(&after_none), ["eth0", "net1", "net2"]);
@@ -529,10 +538,21 @@ fn a_failed_plan_change_puts_back_the_capture_with_its_attachments() {
     let mut plan_b = annotations();
     plan_b.push(("sluice.dev/sysctls", "net.ipv4.conf.eth0.route_localnet=1"));
     let stdin = |ann: &[(&str, &str)]| {
-        conf("1.0.0", &agent.socket_str(), ann, Some(&prev_result("1.0.0")))
+        conf(
+            "1.0.0",
+            &agent.socket_str(),
+            ann,
+            Some(&prev_result("1.0.0")),
+        )
     };
-    assert_eq!(cni_on("eth0", "ADD", "putback", &topo.pod.path(), &stdin(&plan_a)).exit, 0);
-    assert_eq!(cni_on("net1", "ADD", "putback", &topo.pod.path(), &stdin(&plan_a)).exit, 0);
+    assert_eq!(
+        cni_on("eth0", "ADD", "putback", &topo.pod.path(), &stdin(&plan_a)).exit,
+        0
+    );
+    assert_eq!(
+        cni_on("net1", "ADD", "putback", &topo.pod.path(), &stdin(&plan_a)).exit,
+        0
+    );
     let before = topo.pod.sluice_table().expect("captured");
     topo.pod.ip(&["link", "del", "eth0"]);
     let failed = cni_on("eth0", "ADD", "putback", &topo.pod.path(), &stdin(&plan_b));
@@ -545,8 +565,14 @@ fn a_failed_plan_change_puts_back_the_capture_with_its_attachments() {
     assert!(has_policy_rule(&topo.pod));
     check(&agent, "putback").expect("captured as before");
     let del_stdin = conf("1.0.0", &agent.socket_str(), &plan_a, None);
-    assert_eq!(cni_on("net1", "DEL", "putback", &topo.pod.path(), &del_stdin).exit, 0);
-    let table = topo.pod.sluice_table().expect("eth0 still holds the capture");
+    assert_eq!(
+        cni_on("net1", "DEL", "putback", &topo.pod.path(), &del_stdin).exit,
+        0
+    );
+    let table = topo
+        .pod
+        .sluice_table()
+        .expect("eth0 still holds the capture");
     assert_eq!(counted(&table), ["eth0"]);
     assert!(has_policy_rule(&topo.pod));
 }
@@ -630,7 +656,11 @@ fn an_unanswered_batch_removes_only_the_table_it_sent() {
         let gone = sluice::nft::read().expect("read").is_none();
         (kept, gone)
     });
-    assert_eq!(removed, (true, true), "(the earlier capture kept, its own table removed)");
+    assert_eq!(
+        removed,
+        (true, true),
+        "(the earlier capture kept, its own table removed)"
+    );
 }
 
 /// An agent service over /var/run/netns, as the agent builds it.

@@ -255,7 +255,11 @@ fn a_refused_rule_is_named_and_nothing_is_applied() {
         }],
     };
     let err = ns
-        .run(move || sluice::nft::create(&rs).map(drop).map_err(|e| e.to_string()))
+        .run(move || {
+            sluice::nft::create(&rs)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
         .expect_err("the kernel refuses a jump to a missing chain");
     assert!(
         err.contains("rule 2 of chain output") && err.contains("no-such-chain"),

@@ -323,3 +323,83 @@ fn an_attach_without_sysctls_never_looks_into_proc_sys() {
     );
     let _ = std::fs::remove_dir_all(&sysctls);
 }
+
+/// Sets the agent's open-file limit (the soft one: raising it again needs no privilege), as a
+/// node's tight `LimitNOFILE` would.
+fn limit_fds(agent: &Agent, n: usize) {
+    let out = Command::new("prlimit")
+        .args(["--pid", &agent.pid().to_string(), &format!("--nofile={n}:")])
+        .output()
+        .expect("prlimit");
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn open_fds(agent: &Agent) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map_or(0, Iterator::count)
+}
+
+/// The metrics and health ports are on the node's address, reachable by any pod: connections
+/// there are bounded in number and time, so they never take the file descriptors a pod's ADD
+/// needs, and the servers keep serving after every accept error. Tried as the review did: the
+/// agent's fd limit at 64, 65 idle connections to each port, then a captured pod's ADD.
+#[test]
+fn idle_connections_to_the_metrics_and_health_ports_never_starve_an_add() {
+    require_root();
+    let health = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let agent = Agent::start_with("fdstarve", &["--health-addr", &health.to_string()]);
+    let metrics_url = agent.metrics_url();
+    let metrics_addr = metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    limit_fds(&agent, 64);
+    let idle: Vec<std::net::TcpStream> = (0..65)
+        .flat_map(|_| {
+            [
+                std::net::TcpStream::connect(&metrics_addr),
+                std::net::TcpStream::connect(health),
+            ]
+        })
+        .map(|c| c.expect("connect"))
+        .collect();
+    wait_for(
+        "the agent to take what it will",
+        Duration::from_secs(5),
+        || open_fds(&agent) < 64,
+    );
+    let ns = Netns::new("sl-node-fdstarve");
+    let run = add(
+        &agent,
+        &ns,
+        "fdstarve",
+        &[("sluice.dev/redirect", "enabled")],
+    );
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert!(ns.sluice_table().is_some());
+    drop(idle);
+    // Still serving, both.
+    let scraped = scrape(&metrics_url);
+    assert!(scraped.contains("sluice_attaches_total"), "{scraped}");
+    let probe = std::net::TcpStream::connect(health);
+    assert!(probe.is_ok(), "the health port still accepts");
+}
+
+/// Running out of file descriptors is transient: the ADD is code 11 (the runtime retries it),
+/// not 101, and once descriptors are back the same ADD succeeds.
+#[test]
+fn an_agent_out_of_file_descriptors_answers_try_again_later() {
+    require_root();
+    let agent = Agent::start("fdout");
+    let ns = Netns::new("sl-node-fdout");
+    // Room for the plugin's connection and nothing more: opening the pod's netns fails.
+    limit_fds(&agent, open_fds(&agent) + 1);
+    let run = add(&agent, &ns, "fdout", &[("sluice.dev/redirect", "enabled")]);
+    assert_eq!(run.error_code(), 11, "{run:?}");
+    assert!(run.stdout.contains("Too many open files"), "{run:?}");
+    assert!(ns.sluice_table().is_none());
+    limit_fds(&agent, 1024);
+    let run = add(&agent, &ns, "fdout", &[("sluice.dev/redirect", "enabled")]);
+    assert_eq!(run.exit, 0, "{run:?}");
+}

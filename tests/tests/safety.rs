@@ -192,7 +192,9 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
         }
         let ns = policy.open(&pods[0].path()).expect("open");
         let panicked = ns
-            .run(far(), || -> u64 { panic!("a job that fails inside the pod") })
+            .run(far(), || -> u64 {
+                panic!("a job that fails inside the pod")
+            })
             .await;
         assert!(
             panicked.is_err(),
@@ -200,7 +202,10 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
         );
         for i in 0..16 {
             let ns = policy.open(&pods[i % 3].path()).expect("open");
-            assert_eq!(ns.run(far(), inode).await.expect("after a panic"), want[i % 3]);
+            assert_eq!(
+                ns.run(far(), inode).await.expect("after a panic"),
+                want[i % 3]
+            );
         }
     });
     assert_eq!(inode(), host, "the test thread itself never moved");

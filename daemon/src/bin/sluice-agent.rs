@@ -163,10 +163,9 @@ fn main() -> anyhow::Result<()> {
         config.reconcile_interval = std::time::Duration::from_secs(v);
     }
     if !args.allowed_unsafe_sysctls.is_empty() {
-        config.plan.allowed_unsafe_sysctls = sluice::config::unsafe_sysctls(
-            args.allowed_unsafe_sysctls,
-        )
-        .map_err(|e| anyhow::anyhow!("--allow-unsafe-sysctl: {e}"))?;
+        config.plan.allowed_unsafe_sysctls =
+            sluice::config::unsafe_sysctls(args.allowed_unsafe_sysctls)
+                .map_err(|e| anyhow::anyhow!("--allow-unsafe-sysctl: {e}"))?;
     }
     if args.native_overrides_on_mesh_pods {
         config.plan.native_overrides_on_mesh_pods = true;
@@ -206,6 +205,17 @@ fn main() -> anyhow::Result<()> {
     // Least privilege before serving: keep CAP_NET_ADMIN + CAP_SYS_ADMIN, drop the rest, and
     // no new privileges through exec (the API server refuses allowPrivilegeEscalation: false
     // next to SYS_ADMIN, so the agent sets it itself).
+    // A node's default soft fd limit (1,024) is low for an agent holding a netns, a netlink
+    // socket and a connection per pod in flight: raise it to the hard limit, as Go programs
+    // do at start (no privilege is needed up to the hard limit).
+    if let Ok((soft, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "raising the open-file limit failed");
+    }
     let kept = sluice::privileges::drop_to_needed()?;
     tracing::info!(capabilities = ?kept, no_new_privs = true, "dropped every other capability");
 

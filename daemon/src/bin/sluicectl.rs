@@ -102,7 +102,9 @@ fn explain(
         Ok(out) => Ok((out, format!("the agent at {}", socket.display()))),
         Err(e) => local(
             &PlanDefaults::default(),
-            format!("built-in defaults (no agent answered: {e:#}; pass --config to use a node's file)"),
+            format!(
+                "built-in defaults (no agent answered: {e:#}; pass --config to use a node's file)"
+            ),
         ),
     }
 }
@@ -166,7 +168,11 @@ fn main() -> anyhow::Result<()> {
                         "{:<14} {:<16} {:<16} {:<10} {:<30} {:<18} {:<8} {:>5}  {}",
                         a.container_id.chars().take(12).collect::<String>(),
                         a.ifname,
-                        if a.network.is_empty() { "-" } else { &a.network },
+                        if a.network.is_empty() {
+                            "-"
+                        } else {
+                            &a.network
+                        },
                         a.state,
                         format!("{}/{}", pod.namespace, pod.name),
                         a.fingerprint,

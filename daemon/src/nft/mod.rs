@@ -57,7 +57,6 @@ impl NftError {
     }
 }
 
-
 /// What the kernel holds in our table, in comparable form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveTable {

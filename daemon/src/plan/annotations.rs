@@ -36,7 +36,11 @@ const IP_FAMILIES: &str = "sluice.dev/ip-families";
 /// them for any pod, PodSecurity "baseline" admits them); the others need the node's consent
 /// (`allowed-unsafe-sysctls` in the agent config), as kubelet needs `--allowed-unsafe-sysctls`.
 pub const SYSCTL_ALLOW_LIST: &[(&str, SysctlValue, Safety)] = &[
-    ("net.ipv4.ip_local_port_range", SysctlValue::Pair(1, 65535), Safety::Safe),
+    (
+        "net.ipv4.ip_local_port_range",
+        SysctlValue::Pair(1, 65535),
+        Safety::Safe,
+    ),
     ("net.ipv4.tcp_syncookies", SysctlValue::Bool, Safety::Safe),
     (
         "net.ipv4.ping_group_range",
@@ -48,14 +52,46 @@ pub const SYSCTL_ALLOW_LIST: &[(&str, SysctlValue, Safety)] = &[
         SysctlValue::Range(0, 65535),
         Safety::Safe,
     ),
-    ("net.ipv4.tcp_keepalive_time", SysctlValue::Range(1, 32767), Safety::Safe),
-    ("net.ipv4.tcp_keepalive_intvl", SysctlValue::Range(1, 32767), Safety::Safe),
-    ("net.ipv4.tcp_keepalive_probes", SysctlValue::Range(1, 127), Safety::Safe),
-    ("net.ipv4.tcp_fin_timeout", SysctlValue::Range(1, 3600), Safety::Safe),
-    ("net.ipv4.conf.all.route_localnet", SysctlValue::Bool, Safety::NodeConsent),
-    ("net.ipv4.conf.lo.route_localnet", SysctlValue::Bool, Safety::NodeConsent),
-    ("net.ipv4.conf.eth0.route_localnet", SysctlValue::Bool, Safety::NodeConsent),
-    ("net.ipv6.conf.all.disable_ipv6", SysctlValue::Bool, Safety::NodeConsent),
+    (
+        "net.ipv4.tcp_keepalive_time",
+        SysctlValue::Range(1, 32767),
+        Safety::Safe,
+    ),
+    (
+        "net.ipv4.tcp_keepalive_intvl",
+        SysctlValue::Range(1, 32767),
+        Safety::Safe,
+    ),
+    (
+        "net.ipv4.tcp_keepalive_probes",
+        SysctlValue::Range(1, 127),
+        Safety::Safe,
+    ),
+    (
+        "net.ipv4.tcp_fin_timeout",
+        SysctlValue::Range(1, 3600),
+        Safety::Safe,
+    ),
+    (
+        "net.ipv4.conf.all.route_localnet",
+        SysctlValue::Bool,
+        Safety::NodeConsent,
+    ),
+    (
+        "net.ipv4.conf.lo.route_localnet",
+        SysctlValue::Bool,
+        Safety::NodeConsent,
+    ),
+    (
+        "net.ipv4.conf.eth0.route_localnet",
+        SysctlValue::Bool,
+        Safety::NodeConsent,
+    ),
+    (
+        "net.ipv6.conf.all.disable_ipv6",
+        SysctlValue::Bool,
+        Safety::NodeConsent,
+    ),
 ];
 
 /// Whether a pod may set a sysctl on its own say.

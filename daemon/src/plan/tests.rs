@@ -253,7 +253,8 @@ fn linkerd_pods_get_proxy_init_defaults_and_skip_annotations() {
             ("config.linkerd.io/proxy-uid", "2103"),
         ],
         &PlanDefaults::default(),
-    ) else {
+    )
+    else {
         panic!("linkerd pod is captured")
     };
     assert_eq!(profile, Profile::Linkerd);
@@ -299,7 +300,11 @@ fn native_overrides_on_mesh_pods_need_the_nodes_consent_and_disabled_profiles_sk
     );
     assert_eq!(
         ignored,
-        ["sluice.dev/mode", "sluice.dev/outbound-port", "sluice.dev/proxy-uid"]
+        [
+            "sluice.dev/mode",
+            "sluice.dev/outbound-port",
+            "sluice.dev/proxy-uid"
+        ]
     );
     // With the node's consent, native annotations win over the profile's.
     let consent = PlanDefaults {

@@ -201,7 +201,9 @@ impl Owner {
             let pairs: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
             let get = |k: &str| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
             if let Some(ifname) = get("if") {
-                let families = get("ip").and_then(Families::from_word).unwrap_or(Families::NONE);
+                let families = get("ip")
+                    .and_then(Families::from_word)
+                    .unwrap_or(Families::NONE);
                 o.attach(Attached {
                     ifname: ifname.to_owned(),
                     network: clean(get("net").unwrap_or_default(), MAX_NETWORK),
@@ -300,9 +302,25 @@ mod tests {
     fn hostile_values_stay_bounded_and_parseable() {
         let long = "x".repeat(300);
         let mut o = Owner::new(&long, &format!("a b=\"{long}"), &long).at(u64::MAX);
-        assert!(o.attach(Attached::new("eth0", &format!("n et\"{long}"), Families::IPV4)));
-        for bad in ["", "a b", "a=b", "a,b", "sixteen-bytes-xx", "q\"", "a:b", "a/b"] {
-            assert!(!o.attach(Attached::new(bad, "n", Families::IPV4)), "{bad:?}");
+        assert!(o.attach(Attached::new(
+            "eth0",
+            &format!("n et\"{long}"),
+            Families::IPV4
+        )));
+        for bad in [
+            "",
+            "a b",
+            "a=b",
+            "a,b",
+            "sixteen-bytes-xx",
+            "q\"",
+            "a:b",
+            "a/b",
+        ] {
+            assert!(
+                !o.attach(Attached::new(bad, "n", Families::IPV4)),
+                "{bad:?}"
+            );
         }
         let mut n = 1;
         while o.attach(Attached::new(&format!("net{n}"), &long, Families::IPV4)) {
@@ -310,7 +328,10 @@ mod tests {
         }
         assert_eq!(o.attachments.len(), MAX_ATTACHMENTS);
         let comments = o.to_comments();
-        assert!(comments.iter().all(|c| c.len() <= MAX_COMMENT), "{comments:?}");
+        assert!(
+            comments.iter().all(|c| c.len() <= MAX_COMMENT),
+            "{comments:?}"
+        );
         assert_eq!(Owner::from_comments(&comments), Some(o));
     }
 
