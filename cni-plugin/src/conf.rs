@@ -347,6 +347,19 @@ mod tests {
         assert_eq!(conf.pod_ips(), vec!["10.1.0.5/24".to_owned()]);
     }
 
+    /// One deadline set (see `sluice_proto::deadlines`): without `timeoutMs` the plugin waits
+    /// as long as the installer writes into the conflist, and the agent answers within it.
+    #[test]
+    fn the_default_timeout_is_the_one_the_installer_writes() {
+        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"sluice-cni"}"#)
+            .expect("parses");
+        assert_eq!(conf.timeout(), sluice_proto::deadlines::PLUGIN_TIMEOUT);
+        assert!(
+            sluice_proto::deadlines::agent_deadline(conf.timeout())
+                > sluice_proto::deadlines::KERNEL_STEP
+        );
+    }
+
     #[test]
     fn unsupported_version_and_garbage_have_distinct_codes() {
         assert_eq!(

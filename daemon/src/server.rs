@@ -210,6 +210,9 @@ pub async fn serve(
             ni.installer
                 .clone()
                 .watch(move |result| {
+                    if let Ok(written) = &result {
+                        tracing::info!(written = %written.as_ref().map_or("nothing".to_owned(), |p| p.display().to_string()), "install watch pass");
+                    }
                     set_install(&state, result.map(drop));
                     let (state, reporter) = (state.clone(), reporter.clone());
                     let metrics = watch_metrics.clone();

@@ -179,41 +179,100 @@ fn table_body(ns: &Netns) -> Option<String> {
     })
 }
 
-/// The agent is SIGKILLed while 200 ADDs are in flight through the real plugin. Every ADD
-/// either succeeded, and its pod then holds the full table and `lo` up, or failed with code 11;
-/// after a restart every failed one succeeds when retried.
+/// The agent is SIGKILLed while 200 ADDs are in flight through the real plugin, for three
+/// kinds of pod in turn — REDIRECT, TPROXY (policy rule and local route) and one with a
+/// sysctl — since device state is where a partial attach would hide. Every ADD either
+/// succeeded, and its pod then holds the full table and device state, or failed with code 11;
+/// after a restart every failed one succeeds when retried, and a CNI CHECK of every pod (table,
+/// device state, sysctls) is clean.
 #[test]
 fn sigkill_with_200_adds_in_flight_never_reports_a_partial_success() {
     require_root();
     let mut agent = Agent::start("kill");
-    let reference = Netns::new("sl-kill-ref");
-    let ann = [("sluice.dev/redirect", "enabled")];
-    assert_eq!(add(&agent, "kill-ref", &reference, &ann).exit, 0);
-    let want = table_body(&reference).expect("reference table");
+    let kinds: [&[(&str, &str)]; 3] = [
+        &[("sluice.dev/redirect", "enabled")],
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            ("sluice.dev/mode", "tproxy"),
+        ],
+        &[
+            ("sluice.dev/redirect", "enabled"),
+            (
+                "sluice.dev/sysctls",
+                "net.ipv4.ip_local_port_range=20000 30000",
+            ),
+        ],
+    ];
+    let want: Vec<String> = kinds
+        .iter()
+        .enumerate()
+        .map(|(k, ann)| {
+            let reference = Netns::new(&format!("sl-kill-ref{k}"));
+            assert_eq!(
+                add(&agent, &format!("kill-ref{k}"), &reference, ann).exit,
+                0
+            );
+            table_body(&reference).expect("reference table")
+        })
+        .collect();
+    let port_range = |ns: &Netns| {
+        String::from_utf8_lossy(
+            &ns.exec(&["sysctl", "-n", "net.ipv4.ip_local_port_range"])
+                .stdout,
+        )
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+    };
+    let complete = |i: usize, ns: &Netns| {
+        let kind = i % kinds.len();
+        assert_eq!(
+            table_body(ns).as_deref(),
+            Some(want[kind].as_str()),
+            "pod {i}: the full table"
+        );
+        assert!(
+            ns.ip(&["link", "show", "lo"]).contains("UP"),
+            "pod {i}: lo up"
+        );
+        if kind == 1 {
+            assert!(has_policy_rule(ns), "pod {i}: TPROXY's policy rule");
+            assert!(
+                ns.ip(&["route", "show", "table", "133"])
+                    .contains("local default dev lo"),
+                "pod {i}: TPROXY's local route"
+            );
+        }
+        if kind == 2 {
+            assert_eq!(port_range(ns), "20000 30000", "pod {i}: the sysctl");
+        }
+    };
     let pods: Vec<Netns> = (0..200)
         .map(|i| Netns::new(&format!("sl-kill-{i}")))
         .collect();
     let pid = agent.pid();
+    let attached = || {
+        std::fs::read_to_string(&agent.log)
+            .unwrap_or_default()
+            .matches(" attached ")
+            .count()
+    };
+    let before = attached();
     let runs: Vec<CniRun> = std::thread::scope(|s| {
         let handles: Vec<_> = pods
             .iter()
             .enumerate()
             .map(|(i, ns)| {
                 let agent = &agent;
-                s.spawn(move || add(agent, &format!("kill-{i}"), ns, &ann))
+                let ann = kinds[i % kinds.len()];
+                s.spawn(move || add(agent, &format!("kill-{i}"), ns, ann))
             })
             .collect();
         // Kill once some have gone through, so the kill lands mid-storm.
         wait_for(
             "the first attaches",
             std::time::Duration::from_secs(20),
-            || {
-                std::fs::read_to_string(&agent.log)
-                    .unwrap_or_default()
-                    .matches(" attached ")
-                    .count()
-                    >= 10
-            },
+            || attached() >= before + 10,
         );
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -228,15 +287,7 @@ fn sigkill_with_200_adds_in_flight_never_reports_a_partial_success() {
     for (i, run) in runs.iter().enumerate() {
         if run.exit == 0 {
             ok += 1;
-            assert_eq!(
-                table_body(&pods[i]).as_deref(),
-                Some(want.as_str()),
-                "pod {i} reported success: it must hold the full table"
-            );
-            assert!(
-                pods[i].ip(&["link", "show", "lo"]).contains("UP"),
-                "pod {i}: lo up"
-            );
+            complete(i, &pods[i]);
         } else {
             assert_eq!(run.error_code(), 11, "pod {i}: {run:?}");
             retry.push(i);
@@ -244,16 +295,27 @@ fn sigkill_with_200_adds_in_flight_never_reports_a_partial_success() {
     }
     agent.restart();
     for &i in &retry {
-        let run = add(&agent, &format!("kill-{i}"), &pods[i], &ann);
-        assert_eq!(run.exit, 0, "retry of pod {i}: {run:?}");
-        assert_eq!(
-            table_body(&pods[i]).as_deref(),
-            Some(want.as_str()),
-            "pod {i}"
+        let run = add(
+            &agent,
+            &format!("kill-{i}"),
+            &pods[i],
+            kinds[i % kinds.len()],
         );
+        assert_eq!(run.exit, 0, "retry of pod {i}: {run:?}");
+        complete(i, &pods[i]);
+    }
+    for (i, ns) in pods.iter().enumerate() {
+        let stdin = conf(
+            "1.0.0",
+            &agent.socket_str(),
+            kinds[i % kinds.len()],
+            Some(&prev_result("1.0.0")),
+        );
+        let run = cni("CHECK", &format!("kill-{i}"), &ns.path(), &stdin);
+        assert_eq!(run.exit, 0, "pod {i}: {run:?}");
     }
     report(format!(
-        "sigkill with 200 ADDs in flight: {ok} succeeded (full state checked), {} failed with code 11, all of those succeeded on retry",
+        "sigkill with 200 ADDs in flight (REDIRECT, TPROXY, sysctl pods): {ok} succeeded (full state checked), {} failed with code 11, all of those succeeded on retry; CHECK clean on all 200",
         retry.len()
     ));
 }

@@ -124,6 +124,11 @@ fn install_chains_into_a_conflist_idempotently_and_uninstall_restores_it_byte_fo
             true
         );
         assert_eq!(entry[0]["agentSocket"], "/run/sluice/agent.sock");
+        // The plugin's own default, from the one place deadlines are set.
+        assert_eq!(
+            entry[0]["timeoutMs"].as_u64(),
+            Some(sluice_proto::deadlines::PLUGIN_TIMEOUT.as_millis() as u64)
+        );
         // The other plugins are untouched.
         let before: serde_json::Value = serde_json::from_slice(&original).expect("json");
         assert_eq!(
@@ -257,17 +262,41 @@ fn the_agent_re_chains_after_the_primary_cni_rewrites_its_config() {
             .is_some_and(|c| ours(&c).len() == n)
     };
     wait_for("the initial chain", Duration::from_secs(10), || chained(1));
+    // The watch's passes as the agent logs them: what each wrote.
+    let passes = |agent: &Agent| -> Vec<String> {
+        std::fs::read_to_string(&agent.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("install watch pass"))
+            .map(str::to_owned)
+            .collect()
+    };
     for _ in 0..3 {
+        let before = passes(&agent).len();
         // What calico-node does on restart: write its own config again, atomically.
         let tmp = d.conf().join(".calico.tmp");
         std::fs::write(&tmp, &calico).expect("rewrite");
         std::fs::rename(&tmp, &path).expect("rename");
-        wait_for("re-chaining", Duration::from_secs(10), || chained(1));
+        // The pass that re-chains writes the file, which is itself a change the watch sees:
+        // the pass after it must find the entry there and write nothing. That pass having run
+        // is what shows there is no second insert (not a wait of some length).
+        wait_for(
+            "a watch pass that writes nothing after re-chaining",
+            Duration::from_secs(10),
+            || {
+                let after = &passes(&agent)[before..];
+                after
+                    .iter()
+                    .position(|l| !l.contains("written=nothing"))
+                    .is_some_and(|wrote| {
+                        after[wrote + 1..]
+                            .iter()
+                            .any(|l| l.contains("written=nothing"))
+                    })
+            },
+        );
+        assert!(chained(1), "never inserted twice: {:?}", passes(&agent));
     }
-    // Absence of a second insert can only be shown by giving it time to happen: several times
-    // the watch's 50 ms coalescing window.
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(chained(1), "never inserted twice");
     assert!(d.bin().join("sluice-cni").exists());
     // Default SIGTERM keeps the install (rolling upgrades).
     agent.stop();

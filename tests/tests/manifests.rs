@@ -82,28 +82,118 @@ fn the_kustomization_lists_the_install_and_the_daemonset_keeps_least_privilege()
         assert!(manifests().join(f).exists());
     }
     let ds = std::fs::read_to_string(manifests().join("daemonset.yaml")).expect("daemonset");
-    for want in [
-        "hostNetwork: true",
-        "priorityClassName: system-node-critical",
-        "- operator: Exists",
-        "privileged: false",
-        "drop: [ALL]",
-        "add: [NET_ADMIN, SYS_ADMIN]",
-        "mountPropagation: HostToContainer",
-        "path: /run/sluice",
-        "path: /opt/cni/bin",
-        "path: /etc/cni/net.d",
-        "grpc:",
-        "- --install",
-        "fieldPath: status.hostIP",
-        "- --metrics-addr=$(NODE_IP):9965",
-        "- --health-addr=$(NODE_IP):9966",
-        "path: /proc/sys/net",
-        "mountPath: /host/proc/sys/net",
-    ] {
-        assert!(ds.contains(want), "daemonset lacks {want:?}");
+    // Read as YAML, field by field: a substring check passes on a comment or on the same words
+    // under the wrong key.
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&ds).expect("daemonset YAML");
+    let pod = &doc["spec"]["template"]["spec"];
+    let strings = |v: &serde_yaml_ng::Value| -> Vec<String> {
+        v.as_sequence()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(
+        pod["priorityClassName"].as_str(),
+        Some("system-node-critical")
+    );
+    assert_eq!(pod["tolerations"][0]["operator"].as_str(), Some("Exists"));
+    assert!(pod["initContainers"].is_null(), "no init container");
+    let containers = pod["containers"].as_sequence().expect("containers");
+    assert_eq!(containers.len(), 1, "one container");
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"].as_bool(), Some(false));
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(
+        strings(&sc["capabilities"]["add"]),
+        ["NET_ADMIN", "SYS_ADMIN"]
+    );
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(
+        sc["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert!(
+        sc["allowPrivilegeEscalation"].is_null(),
+        "the agent sets no_new_privs itself"
+    );
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["grpc"]["port"].as_u64(), Some(9966), "{probe}");
     }
-    assert!(!ds.contains("privileged: true"));
+    let args = strings(&c["args"]);
+    for want in [
+        "--install",
+        "--metrics-addr=$(NODE_IP):9965",
+        "--health-addr=$(NODE_IP):9966",
+    ] {
+        assert!(args.iter().any(|a| a == want), "args lack {want}: {args:?}");
+    }
+    assert_eq!(
+        c["env"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"].as_str() == Some("NODE_IP"))
+            .map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"])
+            .and_then(|f| f.as_str()),
+        Some("status.hostIP")
+    );
+    // Exactly these host paths, each mounted where the agent expects it; nothing else of
+    // the node's.
+    let host_paths: std::collections::BTreeMap<String, String> = pod["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            Some((
+                v["name"].as_str()?.to_owned(),
+                v["hostPath"]["path"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let mounts: std::collections::BTreeMap<String, (String, Option<String>)> = c["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            Some((
+                m["name"].as_str()?.to_owned(),
+                (
+                    m["mountPath"].as_str()?.to_owned(),
+                    m["mountPropagation"].as_str().map(str::to_owned),
+                ),
+            ))
+        })
+        .collect();
+    let want = [
+        ("/opt/cni/bin", "/host/opt/cni/bin", None),
+        ("/etc/cni/net.d", "/host/etc/cni/net.d", None),
+        ("/var/run/netns", "/var/run/netns", Some("HostToContainer")),
+        ("/run/sluice", "/run/sluice", None),
+        ("/proc/sys/net", "/host/proc/sys/net", None),
+        (
+            "/run/containerd/containerd.sock",
+            "/run/containerd/containerd.sock",
+            None,
+        ),
+    ];
+    assert_eq!(host_paths.len(), want.len(), "{host_paths:?}");
+    for (host, mount, propagation) in want {
+        let (name, _) = host_paths
+            .iter()
+            .find(|(_, p)| p.as_str() == host)
+            .unwrap_or_else(|| panic!("no hostPath {host}: {host_paths:?}"));
+        assert_eq!(
+            mounts.get(name),
+            Some(&(mount.to_owned(), propagation.map(str::to_owned))),
+            "{host}"
+        );
+    }
     // Never every address of the node: metrics and probes bind the node's own address.
     for file in ["daemonset.yaml", "configmap.yaml"] {
         let text = std::fs::read_to_string(manifests().join(file)).expect("manifest");
