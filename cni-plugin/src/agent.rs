@@ -1,29 +1,19 @@
-//! One unary gRPC call to the node agent over its unix socket, with a deadline that covers
-//! connecting too: connect, one HTTP/2 exchange (`http2.rs`), decode, hang up.
+//! One unary gRPC call to the node agent over its unix socket, through tonic's generated
+//! client (the one `sluicectl` uses), on a current-thread runtime built for the call: connect,
+//! call, hang up, all under one deadline that starts before connecting.
 //!
-//! Why no tonic here (the agent and `sluicectl` use it): the plugin makes one call per run and
-//! exits, and an async runtime with tonic, hyper and h2 under it was a fixed cost on every pod
-//! — building the runtime, an epoll round trip per step, frames written one syscall each, and
-//! the pages of all that code faulted in at every exec. Measured on the same agent, interleaved
-//! sample by sample (500 ADDs each, 2 cores): p50 1,183 → 1,078 µs and 677 → 570 µs of CPU per
-//! ADD without them; h2 directly on a current-thread runtime gained nothing (1,179 µs). The
-//! wire protocol is unchanged (gRPC over HTTP/2, `grpc-timeout`, trailers), so the agent serves
-//! this plugin and any gRPC client alike.
+//! The plugin once carried its own blocking HTTP/2 client and HPACK decoder; they saved about
+//! 0.1 ms of a pod start, in a binary that runs as root on every node, and every reviewer had
+//! to audit a protocol stack that h2 and tonic maintain for everyone. What the swap costs is in
+//! docs/benchmark.md.
 
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
-use nix::sys::time::TimeVal;
 use sluice_proto::FIELD_METADATA_KEY;
-use sluice_proto::v1::agent_server::SERVICE_NAME;
+use sluice_proto::v1::agent_client::AgentClient;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::error::*;
-use crate::http2::{self, Http2Error};
-
-/// The `:authority` of every call (the socket, not a name, says where the agent is).
-const AUTHORITY: &str = "sluice-agent";
+use crate::cni::error::{CniError, TRY_AGAIN_LATER};
 
 /// Why a call did not produce an answer from the agent.
 #[derive(Debug, thiserror::Error)]
@@ -44,20 +34,97 @@ enum CallError {
     },
 }
 
-/// Calls `method` of `sluice.v1.Agent` with `request`; every failure becomes the CNI error a
-/// runtime should see.
-pub fn call<Req, Resp>(
+/// Calls the agent with `call` on a client connected to `socket`; every failure becomes the
+/// CNI error a runtime should see. `timeout` bounds everything from the connect on, and is
+/// sent as `grpc-timeout`, from which the agent derives its own deadline (so it answers "try
+/// again" before this side gives up, and work queued for a caller that has gone never starts).
+pub fn call<Req, Resp, F, Fut>(
     socket: &str,
     timeout: Duration,
-    method: &str,
-    request: &Req,
+    request: Req,
+    call: F,
 ) -> Result<Resp, CniError>
 where
-    Req: prost::Message,
-    Resp: prost::Message + Default,
+    F: FnOnce(AgentClient<Channel>, tonic::Request<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
 {
     crate::timing::mark("encoded");
-    unary(socket, timeout, method, request).map_err(|e| to_cni(socket, e))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| {
+            to_cni(
+                socket,
+                CallError::Connect(format!("starting a runtime: {e}")),
+            )
+        })?;
+    let result = runtime.block_on(async {
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        let attempt = async {
+            let client = connect(socket).await?;
+            crate::timing::mark("connected");
+            call(client, request)
+                .await
+                .map_err(|s| classify(s, timeout))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(CallError::Timeout(timeout.as_millis())),
+        }
+    });
+    crate::timing::mark("answered");
+    result.map_err(|e| to_cni(socket, e))
+}
+
+/// A channel over the agent's unix socket (the URI's authority is a placeholder: the socket,
+/// not a name, says where the agent is).
+async fn connect(socket: &str) -> Result<AgentClient<Channel>, CallError> {
+    let path = socket.to_owned();
+    let channel = Endpoint::from_static("http://sluice-agent")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+            CallError::Connect(cause)
+        })?;
+    Ok(AgentClient::new(channel))
+}
+
+/// A status the agent sent (from its trailers) keeps its code, message and field; one tonic
+/// made from a broken connection (it carries the transport error as its source) is a call
+/// that may or may not have been applied.
+fn classify(status: tonic::Status, timeout: Duration) -> CallError {
+    // tonic's own deadline (from `grpc-timeout`) is the call's deadline, whichever fires first.
+    let mut cause = std::error::Error::source(&status);
+    while let Some(e) = cause {
+        if e.is::<tonic::TimeoutExpired>() {
+            return CallError::Timeout(timeout.as_millis());
+        }
+        cause = e.source();
+    }
+    if let Some(source) = std::error::Error::source(&status) {
+        return CallError::Transport(source.to_string());
+    }
+    let field = status
+        .metadata()
+        .get(FIELD_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    CallError::Status {
+        code: status.code(),
+        message: status.message().to_owned(),
+        field,
+    }
 }
 
 fn to_cni(socket: &str, e: CallError) -> CniError {
@@ -78,247 +145,28 @@ fn to_cni(socket: &str, e: CallError) -> CniError {
     CniError::new(code, msg)
 }
 
-/// A connected stream socket whose connect was bounded by `deadline` (a unix `connect` waits
-/// while the listener's backlog is full, as long as the send timeout allows).
-fn connect(path: &str, deadline: Instant) -> Result<UnixStream, CallError> {
-    let fail = |what: &str, e: nix::Error| CallError::Connect(format!("{what}: {e}"));
-    let addr = UnixAddr::new(path).map_err(|e| fail("socket path", e))?;
-    let fd: OwnedFd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| fail("socket", e))?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    let tv = TimeVal::new(left.as_secs() as _, left.subsec_micros().max(1) as _);
-    socket::setsockopt(&fd, sockopt::SendTimeout, &tv).map_err(|e| fail("timeout", e))?;
-    match socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
-        Ok(()) => Ok(UnixStream::from(fd)),
-        Err(nix::Error::EAGAIN | nix::Error::EINPROGRESS) => Err(CallError::Timeout(0)),
-        Err(e) => Err(CallError::Connect(std::io::Error::from(e).to_string())),
-    }
-}
-
-/// `grpc-timeout`: the caller's deadline, from which the agent derives its own, so it answers
-/// "try again" before this side gives up, and work queued for a caller that has gone never
-/// starts. At most 8 digits (the protocol's limit).
-fn grpc_timeout(timeout: Duration) -> String {
-    format!("{}m", timeout.as_millis().min(99_999_999))
-}
-
-fn unary<Req, Resp>(
-    socket: &str,
-    timeout: Duration,
-    method: &str,
-    request: &Req,
-) -> Result<Resp, CallError>
-where
-    Req: prost::Message,
-    Resp: prost::Message + Default,
-{
-    let deadline = Instant::now() + timeout;
-    let timed_out = || CallError::Timeout(timeout.as_millis());
-    let mut stream = connect(socket, deadline).map_err(|e| match e {
-        CallError::Timeout(_) => timed_out(),
-        e => e,
-    })?;
-    crate::timing::mark("connected");
-    let message = request.encode_to_vec();
-    let mut body = Vec::with_capacity(5 + message.len());
-    body.push(0); // not compressed
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(&message);
-    let path = format!("/{SERVICE_NAME}/{method}");
-    let deadline_header = grpc_timeout(timeout);
-    let headers = [
-        (":path", path.as_str()),
-        (":authority", AUTHORITY),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-        ("grpc-timeout", deadline_header.as_str()),
-    ];
-    let response =
-        http2::exchange(&mut stream, &headers, &body, deadline).map_err(|e| match e {
-            Http2Error::Timeout => timed_out(),
-            e => CallError::Transport(e.to_string()),
-        })?;
-    crate::timing::mark("answered");
-    decode(response)
-}
-
-fn header<'a>(fields: &'a [crate::hpack::Field], name: &str) -> Option<&'a [u8]> {
-    fields
-        .iter()
-        .find(|(n, _)| n == name.as_bytes())
-        .map(|(_, v)| v.as_slice())
-}
-
-/// The gRPC answer in an HTTP/2 response: the status from the trailers (or from the headers
-/// of a trailers-only answer), and for OK exactly one uncompressed message.
-fn decode<Resp: prost::Message + Default>(r: http2::Response) -> Result<Resp, CallError> {
-    let protocol = |why: &str| CallError::Transport(format!("not a gRPC answer: {why}"));
-    let http_status = header(&r.headers, ":status").unwrap_or_default();
-    if http_status != b"200" {
-        // As gRPC maps HTTP statuses it did not expect (doc/http-grpc-status-mapping.md).
-        let code = match http_status {
-            b"400" => tonic::Code::Internal,
-            b"401" => tonic::Code::Unauthenticated,
-            b"403" => tonic::Code::PermissionDenied,
-            b"404" => tonic::Code::Unimplemented,
-            b"429" | b"502" | b"503" | b"504" => tonic::Code::Unavailable,
-            _ => tonic::Code::Unknown,
-        };
-        return Err(CallError::Status {
-            code,
-            message: format!(
-                "the agent answered HTTP status {}",
-                String::from_utf8_lossy(http_status)
-            ),
-            field: String::new(),
-        });
-    }
-    let status_fields = if r.trailers.is_empty() {
-        &r.headers
-    } else {
-        &r.trailers
-    };
-    let status = header(status_fields, "grpc-status")
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i32>().ok())
-        .ok_or_else(|| protocol("no grpc-status"))?;
-    if status != 0 {
-        let message = header(status_fields, "grpc-message")
-            .map(percent_decode)
-            .unwrap_or_default();
-        let field = header(status_fields, FIELD_METADATA_KEY)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
-        return Err(CallError::Status {
-            code: tonic::Code::from_i32(status),
-            message,
-            field,
-        });
-    }
-    match r.body.split_first_chunk::<5>() {
-        Some(([0, len @ ..], message)) if u32::from_be_bytes(*len) as usize == message.len() => {
-            Resp::decode(message).map_err(|e| protocol(&format!("undecodable message: {e}")))
-        }
-        Some(([1, ..], _)) => Err(protocol(
-            "a compressed message, which the plugin never asks for",
-        )),
-        _ => Err(protocol("the body is not one length-prefixed message")),
-    }
-}
-
-/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
-fn percent_decode(v: &[u8]) -> String {
-    let mut out = Vec::with_capacity(v.len());
-    let mut i = 0;
-    while i < v.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            v[i],
-            v.get(i + 1).copied().and_then(hex),
-            v.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, ..) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn response(trailers: &[(&str, &str)], body: &[u8]) -> http2::Response {
-        let f = |v: &[(&str, &str)]| {
-            v.iter()
-                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect()
-        };
-        http2::Response {
-            headers: f(&[(":status", "200"), ("content-type", "application/grpc")]),
-            body: body.to_vec(),
-            trailers: f(trailers),
-        }
-    }
-
     #[test]
-    fn every_request_carries_the_callers_deadline() {
-        assert_eq!(grpc_timeout(Duration::from_millis(2000)), "2000m");
-        assert_eq!(grpc_timeout(Duration::from_secs(1 << 40)), "99999999m");
-    }
-
-    #[test]
-    fn a_status_keeps_its_code_message_and_field() {
-        let r = response(
-            &[
-                ("grpc-status", "3"),
-                (
-                    "grpc-message",
-                    "annotation%20sluice.dev%2Fmode%3A%20%22x%22",
-                ),
-                (FIELD_METADATA_KEY, "annotation:sluice.dev/mode"),
-            ],
-            b"",
+    fn the_agents_status_keeps_its_code_message_and_field() {
+        let mut status = tonic::Status::invalid_argument("annotation sluice.dev/mode: \"x\"");
+        status.metadata_mut().insert(
+            FIELD_METADATA_KEY,
+            "annotation:sluice.dev/mode".parse().expect("ascii"),
         );
-        match decode::<sluice_proto::v1::StatusResponse>(r) {
-            Err(CallError::Status {
-                code,
-                message,
-                field,
-            }) => {
-                assert_eq!(code, tonic::Code::InvalidArgument);
-                assert_eq!(message, "annotation sluice.dev/mode: \"x\"");
-                assert_eq!(field, "annotation:sluice.dev/mode");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn an_ok_answer_is_one_message_and_nothing_else() {
-        use prost::Message;
-        let msg = sluice_proto::v1::StatusResponse {
-            ready: true,
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let mut body = vec![0];
-        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-        body.extend_from_slice(&msg);
-        let ok: sluice_proto::v1::StatusResponse =
-            decode(response(&[("grpc-status", "0")], &body)).expect("decoded");
-        assert!(ok.ready);
-        let mut extra = body.clone();
-        extra.push(0);
-        for bad in [&extra[..], &body[..3], b""] {
-            assert!(matches!(
-                decode::<sluice_proto::v1::StatusResponse>(response(&[("grpc-status", "0")], bad)),
-                Err(CallError::Transport(_))
-            ));
-        }
-        let mut compressed = body;
-        compressed[0] = 1;
-        assert!(matches!(
-            decode::<sluice_proto::v1::StatusResponse>(response(
-                &[("grpc-status", "0")],
-                &compressed
-            )),
-            Err(CallError::Transport(_))
-        ));
-        assert!(matches!(
-            decode::<sluice_proto::v1::StatusResponse>(response(&[], b"")),
-            Err(CallError::Transport(_))
-        ));
+        let e = to_cni("/s", classify(status, Duration::ZERO));
+        assert_eq!(e.code, sluice_proto::cni_code::INVALID_CONFIG);
+        assert_eq!(e.msg, "sluice: annotation sluice.dev/mode: \"x\"");
+        let mut netns = tonic::Status::invalid_argument("netns: outside the roots");
+        netns
+            .metadata_mut()
+            .insert(FIELD_METADATA_KEY, "netns".parse().expect("ascii"));
+        assert_eq!(
+            to_cni("/s", classify(netns, Duration::ZERO)).code,
+            sluice_proto::cni_code::INVALID_ENV
+        );
     }
 
     #[test]
@@ -331,16 +179,39 @@ mod tests {
                 "sluice agent at /s is unreachable: No such file or directory"
             )
         );
-        let e = to_cni(
-            "/s",
-            CallError::Transport("the connection was closed".into()),
-        );
+        // A status tonic made from a broken connection, not one the agent sent.
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "the connection was closed",
+        )));
+        let e = to_cni("/s", classify(broken, Duration::ZERO));
         assert_eq!(e.code, TRY_AGAIN_LATER);
         assert!(e.msg.contains("went away during the call"), "{}", e.msg);
-        let e = to_cni("/s", CallError::Timeout(2000));
+        let e = to_cni("/s", CallError::Timeout(5000));
         assert_eq!(
             e.msg,
-            "sluice agent at /s is unreachable: no answer within 2000 ms"
+            "sluice agent at /s is unreachable: no answer within 5000 ms"
         );
+    }
+
+    /// The deadline covers connecting: a socket whose listener never accepts (its backlog
+    /// full) or never answers ends the call at the timeout, as code 11.
+    #[test]
+    fn a_silent_agent_is_try_again_later_at_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("sluice-cni-silent-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let r = call(
+            socket.to_str().expect("utf8"),
+            Duration::from_millis(300),
+            sluice_proto::v1::StatusRequest {},
+            |mut c, req| async move { c.status(req).await },
+        );
+        let e = r.expect_err("no answer");
+        assert_eq!(e.code, TRY_AGAIN_LATER, "{e:?}");
+        assert!(e.msg.contains("no answer within 300 ms"), "{}", e.msg);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

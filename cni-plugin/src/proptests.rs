@@ -10,6 +10,8 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value};
 
 use super::*;
+use crate::cni::version::SUPPORTED_VERSIONS;
+use crate::verbs::run;
 
 const SOCKET: &str = "/nonexistent/sluice-proptest/agent.sock";
 const CASES: u32 = 1500;

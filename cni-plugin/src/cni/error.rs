@@ -20,7 +20,7 @@ pub struct CniError {
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
         Self {
-            cni_version: crate::conf::LATEST_VERSION.to_owned(),
+            cni_version: super::version::LATEST_VERSION.to_owned(),
             code,
             msg: msg.into(),
             details: String::new(),
@@ -34,7 +34,7 @@ impl CniError {
 
     /// Errors are reported in the config's version when it is one we speak.
     pub fn in_version(mut self, version: &str) -> Self {
-        if crate::conf::SUPPORTED_VERSIONS.contains(&version) {
+        if super::version::SUPPORTED_VERSIONS.contains(&version) {
             self.cni_version = version.to_owned();
         }
         self
