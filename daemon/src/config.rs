@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::netns::Root;
-use crate::plan::PlanDefaults;
+use crate::kernel::netns::Root;
+use crate::model::plan::PlanDefaults;
 
 pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
 
@@ -39,7 +39,7 @@ pub struct AgentConfig {
     /// The container runtime's CRI socket for sandbox discovery and repair (`reconcile`);
     /// `None` turns discovery off.
     pub cri_socket: Option<PathBuf>,
-    pub repair: crate::reconcile::Repair,
+    pub repair: crate::node::reconcile::Repair,
     pub reconcile_interval: std::time::Duration,
     /// Where `net.*` sysctls are written: `<dir>/net/...`. A container's own `/proc/sys` is
     /// read-only (the runtime's default), so the DaemonSet mounts the host's `/proc/sys/net`
@@ -51,7 +51,7 @@ pub struct AgentConfig {
 /// The long-running agent's node install.
 #[derive(Debug, Clone)]
 pub struct NodeInstall {
-    pub installer: crate::install::Installer,
+    pub installer: crate::node::install::Installer,
     /// Uninstall on SIGTERM. Off by default: a rolling upgrade must not open a window where
     /// pods start uncaptured or a DEL finds no plugin.
     pub uninstall_on_exit: bool,
@@ -68,10 +68,10 @@ impl Default for AgentConfig {
             metrics_addr: crate::metrics::DEFAULT_ADDR.parse().ok(),
             health_addr: None,
             install: None,
-            cri_socket: Some(crate::discovery::DEFAULT_CRI_SOCKET.into()),
-            repair: crate::reconcile::Repair::default(),
-            reconcile_interval: crate::reconcile::DEFAULT_INTERVAL,
-            sysctl_dir: crate::device::DEFAULT_SYSCTL_DIR.into(),
+            cri_socket: Some(crate::node::discovery::DEFAULT_CRI_SOCKET.into()),
+            repair: crate::node::reconcile::Repair::default(),
+            reconcile_interval: crate::node::reconcile::DEFAULT_INTERVAL,
+            sysctl_dir: crate::kernel::device::DEFAULT_SYSCTL_DIR.into(),
         }
     }
 }
@@ -102,7 +102,7 @@ pub struct FileConfig {
     pub profiles: Option<Vec<String>>,
     /// CRI socket path, or `off`.
     pub cri_socket: Option<String>,
-    pub repair: Option<crate::reconcile::Repair>,
+    pub repair: Option<crate::node::reconcile::Repair>,
     /// Seconds between reconcile passes.
     pub reconcile_interval: Option<u64>,
     /// Sysctls Kubernetes calls unsafe that pods on this node may set (default: none).
@@ -257,7 +257,7 @@ impl FileConfig {
 /// The node's `allowed-unsafe-sysctls`: each must be a sysctl sluice sets that Kubernetes
 /// calls unsafe (a safe one needs no consent; any other is never set).
 pub fn unsafe_sysctls(list: Vec<String>) -> Result<Vec<String>, String> {
-    use crate::plan::{SYSCTL_ALLOW_LIST, Safety};
+    use crate::model::plan::{SYSCTL_ALLOW_LIST, Safety};
     for name in &list {
         match SYSCTL_ALLOW_LIST.iter().find(|(n, ..)| n == name) {
             Some((_, _, Safety::NodeConsent)) => {}

@@ -266,7 +266,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn native_overrides_ignored(&self, profile: crate::plan::Profile) {
+    pub fn native_overrides_ignored(&self, profile: crate::model::plan::Profile) {
         self.native_overrides_ignored
             .get_or_create(&Profile {
                 profile: profile.to_string(),
@@ -334,10 +334,10 @@ fn process_figures() -> Option<(u64, f64)> {
 }
 
 /// Binds the metrics address (start-up fails on a taken port rather than running blind).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<crate::ports::Bounded> {
+pub async fn bind(addr: SocketAddr) -> std::io::Result<crate::api::ports::Bounded> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics served at /metrics");
-    Ok(crate::ports::Bounded::new(listener, "metrics"))
+    Ok(crate::api::ports::Bounded::new(listener, "metrics"))
 }
 
 /// How long a scraper may take to send its request headers.
@@ -345,7 +345,7 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves `/metrics` until the task is dropped, a bounded number of connections at a time,
 /// each for a bounded time (see `ports`); it keeps serving whatever one connection does.
-pub async fn serve(listener: crate::ports::Bounded, metrics: Arc<Metrics>) {
+pub async fn serve(listener: crate::api::ports::Bounded, metrics: Arc<Metrics>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     loop {

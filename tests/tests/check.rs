@@ -166,9 +166,9 @@ fn check_sees_every_kind_of_damage_and_never_false_drift() {
 /// what could be added is added, and the failure is reported for the next pass to retry.
 #[test]
 fn a_failed_repair_of_an_existing_capture_removes_nothing() {
-    use sluice::plan::{Families, PlanDefaults};
-    use sluice::program::{Act, Want, reconcile};
-    use sluice::ruleset::Attached;
+    use sluice::kernel::capture::{Act, Want, reconcile};
+    use sluice::model::plan::{Families, PlanDefaults};
+    use sluice::model::ruleset::Attached;
 
     require_root();
     let agent = Agent::start_with(

@@ -4,7 +4,7 @@
 fn readme_lists_every_annotation() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
-    let missing: Vec<&str> = sluice::plan::all_annotation_keys()
+    let missing: Vec<&str> = sluice::model::plan::all_annotation_keys()
         .into_iter()
         .filter(|k| !readme.contains(&format!("`{k}`")))
         .collect();

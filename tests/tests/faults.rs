@@ -644,12 +644,11 @@ fn a_failed_plan_change_puts_back_the_capture_with_its_attachments() {
 /// it and leaves the pod alone — no re-capture of a dying pod, no ghost record, no "repaired".
 #[test]
 fn the_reconciler_never_recaptures_a_pod_whose_del_came_after_its_snapshot() {
-    use sluice::reconcile::{Found, Repair, reconcile_sandbox};
-    use sluice_proto::v1::agent_server::Agent as _;
+    use sluice::node::reconcile::{Found, Repair, reconcile_sandbox};
     require_root();
     let ns = Netns::new("sl-fault-dying");
     let svc = Arc::new(service());
-    let sandbox = sluice::discovery::Sandbox {
+    let sandbox = sluice::node::discovery::Sandbox {
         id: "dying".into(),
         pod: sluice_proto::v1::PodRef {
             namespace: "default".into(),
@@ -667,11 +666,14 @@ fn the_reconciler_never_recaptures_a_pod_whose_del_came_after_its_snapshot() {
     let found = rt.block_on(async {
         let snapshot = std::time::Instant::now();
         // The runtime's DEL arrives after the pass listed the sandbox.
-        svc.detach(tonic::Request::new(sluice_proto::v1::DetachRequest {
-            container_id: "dying".into(),
-            netns: String::new(),
-            ifname: "eth0".into(),
-        }))
+        svc.detach(
+            sluice_proto::v1::DetachRequest {
+                container_id: "dying".into(),
+                netns: String::new(),
+                ifname: "eth0".into(),
+            },
+            std::time::Duration::from_secs(10),
+        )
         .await
         .expect("detach");
         reconcile_sandbox(&svc, &sandbox, Repair::Apply, snapshot).await
@@ -695,9 +697,9 @@ fn the_reconciler_never_recaptures_a_pod_whose_del_came_after_its_snapshot() {
 /// created is removed: a capture that was already there (a re-ADD's) stays.
 #[test]
 fn an_unanswered_batch_removes_only_the_table_it_sent() {
-    use sluice::plan::{Families, PlanDefaults};
-    use sluice::program::{Want, attach, remove_if_sent};
-    use sluice::ruleset::Attached;
+    use sluice::kernel::capture::{Want, attach, remove_if_sent};
+    use sluice::model::plan::{Families, PlanDefaults};
+    use sluice::model::ruleset::Attached;
     require_root();
     let ns = Netns::new("sl-fault-unanswered");
     let removed = ns.run(|| {
@@ -713,9 +715,9 @@ fn an_unanswered_batch_removes_only_the_table_it_sent() {
         let mut sent = first.planned.ruleset.owner.clone();
         sent.attached_at = 1_001;
         remove_if_sent(&sent);
-        let kept = sluice::nft::read().expect("read").is_some();
+        let kept = sluice::kernel::nft::read().expect("read").is_some();
         remove_if_sent(&first.planned.ruleset.owner);
-        let gone = sluice::nft::read().expect("read").is_none();
+        let gone = sluice::kernel::nft::read().expect("read").is_none();
         (kept, gone)
     });
     assert_eq!(
@@ -725,15 +727,12 @@ fn an_unanswered_batch_removes_only_the_table_it_sent() {
     );
 }
 
-/// An agent service over /var/run/netns, as the agent builds it.
-fn service() -> sluice::service::AgentService {
-    let roots = vec![sluice::netns::Root::Dir("/var/run/netns".into())];
-    sluice::service::AgentService::new(
-        sluice::config::AgentConfig {
-            netns_roots: roots.clone(),
-            ..Default::default()
-        },
-        sluice::netns::Policy::new(roots).expect("policy"),
+/// An agent over /var/run/netns, as `sluice-agent` builds it.
+fn service() -> sluice::agent::Agent {
+    let roots = vec![sluice::kernel::netns::Root::Dir("/var/run/netns".into())];
+    sluice::agent::Agent::new(
+        sluice::model::plan::PlanDefaults::default(),
+        sluice::kernel::netns::Policy::new(roots).expect("policy"),
         Arc::new(sluice::metrics::Metrics::new()),
         Arc::new(std::sync::Mutex::new(Ok(()))),
     )

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use sluice::plan::{Decision, Families, PlanDefaults, decide};
-use sluice::ruleset::{Attached, Owner, Ruleset};
+use sluice::model::plan::{Decision, Families, PlanDefaults, decide};
+use sluice::model::ruleset::{Attached, Owner, Ruleset};
 use sluice_tests::*;
 
 const CONTAINER: &str = "golden";
@@ -230,7 +230,7 @@ fn the_kernel_holds_exactly_the_golden_text() {
 /// does not exist, which every kernel rejects with ENOENT.
 #[test]
 fn a_refused_rule_is_named_and_nothing_is_applied() {
-    use sluice::ruleset::{Base, Chain, Hook, Kind, Match, PRIORITY_DSTNAT, Rule, Verdict};
+    use sluice::model::ruleset::{Base, Chain, Hook, Kind, Match, PRIORITY_DSTNAT, Rule, Verdict};
     require_root();
     let ns = Netns::new("sl-gold-refused");
     let rs = Ruleset {
@@ -244,7 +244,7 @@ fn a_refused_rule_is_named_and_nothing_is_applied() {
             }),
             rules: vec![
                 Rule {
-                    matches: vec![Match::SkUid(sluice::ruleset::Op::Eq, 1337)],
+                    matches: vec![Match::SkUid(sluice::model::ruleset::Op::Eq, 1337)],
                     verdict: Verdict::Return,
                 },
                 Rule {
@@ -256,7 +256,7 @@ fn a_refused_rule_is_named_and_nothing_is_applied() {
     };
     let err = ns
         .run(move || {
-            sluice::nft::create(&rs)
+            sluice::kernel::nft::create(&rs)
                 .map(drop)
                 .map_err(|e| e.to_string())
         })
@@ -274,7 +274,7 @@ fn a_refused_rule_is_named_and_nothing_is_applied() {
 #[test]
 fn the_kernel_probe_finds_every_required_feature() {
     require_root();
-    let features = sluice::probe::run().expect("the probe runs");
+    let features = sluice::kernel::probe::run().expect("the probe runs");
     println!("probe: {features:?}");
     features.required().expect("required features");
     assert_eq!(features.tproxy, Ok(()), "{features:?}");

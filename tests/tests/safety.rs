@@ -171,9 +171,10 @@ fn netns_workers_run_each_job_in_its_pod_and_always_return_home() {
                 .expect("pod netns")
         })
         .collect();
-    let policy =
-        sluice::netns::Policy::new(vec![sluice::netns::Root::Dir("/var/run/netns".into())])
-            .expect("policy");
+    let policy = sluice::kernel::netns::Policy::new(vec![sluice::kernel::netns::Root::Dir(
+        "/var/run/netns".into(),
+    )])
+    .expect("policy");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

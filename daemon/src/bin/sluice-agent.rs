@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{AgentConfig, FileConfig, LogFormat, NodeInstall};
-use sluice::install::{ChainMode, Installer};
-use sluice::netns::Root;
+use sluice::kernel::netns::Root;
+use sluice::node::install::{ChainMode, Installer};
 
 /// The sluice node agent: programs traffic capture into pod network namespaces on request of
 /// the sluice-cni plugin.
@@ -46,7 +46,7 @@ struct Args {
     cri_socket: Option<String>,
     /// What the reconciler does about a pod lacking its capture: `apply` it, or `report` only.
     #[arg(long, value_enum)]
-    repair: Option<sluice::reconcile::Repair>,
+    repair: Option<sluice::node::reconcile::Repair>,
     /// Seconds between reconcile passes [default: 15].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     reconcile_interval: Option<u64>,
@@ -104,7 +104,7 @@ fn installer(dirs: &Dirs, socket: PathBuf) -> anyhow::Result<Installer> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
             .parent()
-            .map(|d| d.join(sluice::install::PLUGIN))
+            .map(|d| d.join(sluice::node::install::PLUGIN))
             .ok_or_else(|| anyhow::anyhow!("cannot locate sluice-cni next to the agent"))?,
     };
     Ok(Installer {
@@ -216,7 +216,7 @@ fn main() -> anyhow::Result<()> {
     {
         tracing::warn!(error = %e, soft, hard, "raising the open-file limit failed");
     }
-    let kept = sluice::privileges::drop_to_needed()?;
+    let kept = sluice::node::privileges::drop_to_needed()?;
     tracing::info!(capabilities = ?kept, no_new_privs = true, "dropped every other capability");
 
     // One thread for all the agent's async work (gRPC, metrics, health, discovery): kernel
@@ -237,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        sluice::server::serve(config, shutdown).await?;
+        sluice::api::server::serve(config, shutdown).await?;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::DEFAULT_SOCKET;
-use sluice::plan::PlanDefaults;
+use sluice::model::plan::PlanDefaults;
 use sluice_proto::v1::agent_client::AgentClient;
 use sluice_proto::v1::{CheckRequest, ListRequest, Outcome, StatusRequest};
 
@@ -76,7 +76,7 @@ fn explain(
 ) -> anyhow::Result<(sluice_proto::v1::ExplainResponse, String)> {
     let local = |defaults: &PlanDefaults, source: String| -> anyhow::Result<_> {
         Ok((
-            sluice::service::explain(annotations, pod_ips, defaults)?,
+            sluice::agent::explain_under(annotations, pod_ips, defaults)?,
             source,
         ))
     };

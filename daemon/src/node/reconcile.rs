@@ -2,7 +2,7 @@
 //! `interval` (and once at start-up) it walks the node's READY sandboxes and, for each whose
 //! annotations ask for capture, compares the pod's namespace with the plan — the same
 //! comparison `Check` makes (table, device state, sysctls) — and repairs what is missing or
-//! drifted through the same code path as `Attach` (`program::attach`, under the container's
+//! drifted through the same code path as `Attach` (`capture::attach`, under the container's
 //! lock, so it never interleaves with the plugin's ADD or DEL of that pod), or, in report mode,
 //! only reports it. What it finds rebuilds the agent's records, so after a restart `List`,
 //! metrics and `sluicectl check` are complete again.
@@ -13,7 +13,7 @@
 //! after two consecutive passes that do not list them (a sandbox whose ADD is still running is
 //! not READY yet); their kernel state went with their namespace.
 //!
-//! Order and crashes: a repair is `program::attach` — the nftables table in one transaction,
+//! Order and crashes: a repair is `capture::attach` — the nftables table in one transaction,
 //! then device state. A crash between the two leaves the table without TPROXY routing only for
 //! a pod that had no capture at all (the table is the first thing a pod gets); the next pass
 //! finds the missing rule or route and completes it. Working capture is never removed on
@@ -25,12 +25,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::discovery::{Cri, Sandbox};
-use crate::plan::Families;
-use crate::program::{self, Want};
-use crate::registry::Record;
-use crate::ruleset::Attached;
-use crate::service::AgentService;
+use crate::agent::Agent;
+use crate::agent::registry::Record;
+use crate::kernel::capture::{self, Want};
+use crate::model::plan::Families;
+use crate::model::ruleset::Attached;
+use crate::node::discovery::{Cri, Sandbox};
 
 /// What the reconciler does about a pod that lacks its capture or has drifted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -61,7 +61,7 @@ pub enum Found {
 }
 
 /// Runs passes until the task is dropped.
-pub async fn run(service: Arc<AgentService>, mut cri: Cri, repair: Repair, interval: Duration) {
+pub async fn run(service: Arc<Agent>, mut cri: Cri, repair: Repair, interval: Duration) {
     let mut state = PassState::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,12 +85,7 @@ pub struct PassState {
 /// only a runtime that cannot be listed at all fails it (`error`). Either is visible in
 /// `sluicectl status` (with the first error and since when) and in
 /// `sluice_reconcile_passes_total{result}` (alert `SluiceReconcileFailing`).
-pub async fn pass(
-    service: &Arc<AgentService>,
-    cri: &mut Cri,
-    repair: Repair,
-    state: &mut PassState,
-) {
+pub async fn pass(service: &Arc<Agent>, cri: &mut Cri, repair: Repair, state: &mut PassState) {
     let socket = cri.socket().display().to_string();
     let started = Instant::now();
     let listing = match cri.ready_sandboxes().await {
@@ -193,7 +188,7 @@ fn unix_of(t: std::time::SystemTime) -> u64 {
 /// Reconciles one sandbox; see the module docs. `snapshot` is when the runtime's listing
 /// began: a DEL of the pod after it means the pod is going away, and it is left alone.
 pub async fn reconcile_sandbox(
-    service: &Arc<AgentService>,
+    service: &Arc<Agent>,
     sb: &Sandbox,
     repair: Repair,
     snapshot: Instant,
@@ -208,7 +203,7 @@ pub async fn reconcile_sandbox(
         .collect();
     let want = Want {
         annotations: sb.annotations.clone(),
-        defaults: service.config().plan.clone(),
+        defaults: service.defaults().clone(),
         pod_uid: sb.pod.uid.clone(),
         container_id: sb.id.clone(),
     };
@@ -243,7 +238,7 @@ pub async fn reconcile_sandbox(
             .registry()
             .of(&sb2.id)
             .iter()
-            .map(crate::service::attached)
+            .map(crate::agent::attached)
             .collect();
         let fallback = if recorded.is_empty() {
             primary
@@ -251,14 +246,14 @@ pub async fn reconcile_sandbox(
             recorded
         };
         let act = match repair {
-            Repair::Apply => program::Act::Repair,
-            Repair::Report => program::Act::Diff,
+            Repair::Apply => capture::Act::Repair,
+            Repair::Report => capture::Act::Diff,
         };
-        let now = crate::service::unix_now();
-        let until = Instant::now() + crate::work::DEFAULT_WAIT;
+        let now = crate::agent::unix_now();
+        let until = Instant::now() + crate::agent::work::DEFAULT_WAIT;
         let visit = ns
             .run(until, move || {
-                program::reconcile(&want, &fallback, act, now)
+                capture::reconcile(&want, &fallback, act, now)
             })
             .await;
         let r = match visit {
@@ -436,11 +431,11 @@ mod tests {
         assert_eq!(listing.failed.len(), 1);
         assert_eq!(listing.failed[0].0, "broken");
 
-        let service = Arc::new(AgentService::new(
-            crate::config::AgentConfig::default(),
-            crate::netns::Policy {
-                roots: vec![crate::netns::Root::Dir("/nonexistent".into())],
-                host: crate::netns::NsId { dev: 0, ino: 0 },
+        let service = Arc::new(Agent::new(
+            crate::model::plan::PlanDefaults::default(),
+            crate::kernel::netns::Policy {
+                roots: vec![crate::kernel::netns::Root::Dir("/nonexistent".into())],
+                host: crate::kernel::netns::NsId { dev: 0, ino: 0 },
             },
             Arc::new(crate::metrics::Metrics::new()),
             Arc::new(std::sync::Mutex::new(Ok(()))),

@@ -57,8 +57,8 @@ impl NetnsError {
             Self::Thread(_) => true,
             Self::Open { source, .. } => source
                 .raw_os_error()
-                .is_some_and(crate::program::transient_errno),
-            Self::Enter { source, .. } => crate::program::transient_errno(*source as i32),
+                .is_some_and(crate::kernel::capture::transient_errno),
+            Self::Enter { source, .. } => crate::kernel::capture::transient_errno(*source as i32),
             _ => false,
         }
     }
@@ -294,7 +294,7 @@ type Job = Box<dyn FnOnce(&OwnedFd) + Send>;
 
 /// The most netns worker threads: as many as the agent admits kernel work at once; more jobs
 /// than that wait in the queue.
-const MAX_WORKERS: usize = crate::work::DEFAULT_WORKERS;
+const MAX_WORKERS: usize = crate::agent::work::DEFAULT_WORKERS;
 
 /// Long-lived OS threads that run work inside pod namespaces. Each starts in the agent's own
 /// namespace, opens a handle to it once, and returns to it after every job (see [`Entered`]);

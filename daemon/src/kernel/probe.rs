@@ -16,11 +16,11 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use crate::netns;
-use crate::plan::{self, Families, PlanDefaults};
-use crate::program::{self, Want};
-use crate::ruleset::{Attached, Ruleset};
-use crate::{device, nft};
+use crate::kernel::capture::{self, Want};
+use crate::kernel::netns;
+use crate::model::plan::{self, Families, PlanDefaults};
+use crate::model::ruleset::{Attached, Ruleset};
+use crate::{kernel::device, kernel::nft};
 
 /// What the probe found. `Err` carries the kernel's own error, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +131,7 @@ fn probe_attachment() -> Attached {
 
 /// Attaches the probe's pod; the table it programmed.
 fn attach(want: &Want) -> Result<Ruleset, String> {
-    program::attach(want, probe_attachment(), &[], 0, None)
+    capture::attach(want, probe_attachment(), &[], 0, None)
         .map(|done| done.planned.ruleset)
         .map_err(|e| e.to_string())
 }
@@ -187,7 +187,7 @@ fn probe_here() -> KernelFeatures {
                 let ipv6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
                     .is_ok_and(|v| v.trim() == "0");
                 let had = lo_has_passthrough6();
-                f.address_protocol = match program::detach() {
+                f.address_protocol = match capture::detach() {
                     Err(e) => Err(e.to_string()),
                     Ok(_) if !ipv6 => Ok(()),
                     Ok(_) if !had => Err("::6 was not on lo after attach".into()),
@@ -204,7 +204,7 @@ fn probe_here() -> KernelFeatures {
         ("sluice.dev/mode", "tproxy"),
     ]))
     .and_then(|_| {
-        program::detach().map_err(|e| e.to_string())?;
+        capture::detach().map_err(|e| e.to_string())?;
         // The policy routing must be gone too.
         match device::teardown() {
             Ok(false) => Ok(()),

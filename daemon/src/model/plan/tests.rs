@@ -743,9 +743,9 @@ fn arbitrary_annotation_maps_plan_or_name_the_bad_annotation() {
             match decide(&ann, &ips, &PlanDefaults::default()) {
                 Ok(Decision::Capture { plan, .. }) => {
                     planned.set(planned.get() + 1);
-                    let rules = crate::ruleset::Ruleset::from_plan(
+                    let rules = crate::model::ruleset::Ruleset::from_plan(
                         &plan,
-                        crate::ruleset::Owner::new("fp", "", ""),
+                        crate::model::ruleset::Owner::new("fp", "", ""),
                     )
                     .rule_count();
                     // Lists within their bounds can still sum past MAX_RULES: the service

@@ -11,7 +11,7 @@ use nftnl::expr::{TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict 
 use nftnl::{Batch, ChainType, FinalizedBatch, MsgType, ProtoFamily};
 
 use super::ffi::{Redir, TableMsg, Tproxy};
-use crate::ruleset::{
+use crate::model::ruleset::{
     self, Family, Hook, Kind, L4, Match, OWNER_CHAIN, Op, Owner, Ruleset, TABLE, Verdict,
 };
 

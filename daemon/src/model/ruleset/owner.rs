@@ -16,7 +16,7 @@
 //! and a userdata TLV beside it (`id=… at=…`); [`Owner::from_v1`] reads them, so their pods
 //! keep working.
 
-use crate::plan::Families;
+use crate::model::plan::Families;
 
 /// The first word of every owner comment this release writes.
 const TAG_V2: &str = "sluice/v2";

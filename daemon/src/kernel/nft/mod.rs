@@ -3,7 +3,7 @@
 //! is exactly this directory.
 //!
 //! Every function here acts on the network namespace of the calling thread: callers run them
-//! through `crate::netns` on a thread that has entered the pod's namespace. Sockets are opened
+//! through `crate::kernel::netns` on a thread that has entered the pod's namespace. Sockets are opened
 //! per call, after that entry, so they belong to the pod's namespace.
 
 mod batch;
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use nftnl::FinalizedBatch;
 use nftnl::nftnl_sys::libc;
 
-use crate::plan::Families;
-use crate::ruleset::{OWNER_CHAIN, Owner, Ruleset, TABLE};
+use crate::model::plan::Families;
+use crate::model::ruleset::{OWNER_CHAIN, Owner, Ruleset, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -209,13 +209,13 @@ pub fn expected(rs: &Ruleset) -> LiveTable {
             name: c.name.to_owned(),
             base: c.base.map(|b| {
                 let hook = match b.hook {
-                    crate::ruleset::Hook::Prerouting => libc::NF_INET_PRE_ROUTING,
-                    crate::ruleset::Hook::Output => libc::NF_INET_LOCAL_OUT,
+                    crate::model::ruleset::Hook::Prerouting => libc::NF_INET_PRE_ROUTING,
+                    crate::model::ruleset::Hook::Output => libc::NF_INET_LOCAL_OUT,
                 };
                 let kind = match b.kind {
-                    crate::ruleset::Kind::Nat => "nat",
-                    crate::ruleset::Kind::Filter => "filter",
-                    crate::ruleset::Kind::Route => "route",
+                    crate::model::ruleset::Kind::Nat => "nat",
+                    crate::model::ruleset::Kind::Filter => "filter",
+                    crate::model::ruleset::Kind::Route => "route",
                 };
                 (
                     hook as u32,
@@ -311,12 +311,13 @@ pub fn diff(expected: &LiveTable, live: Option<&LiveTable>) -> Vec<String> {
 }
 
 /// A netfilter netlink socket of the calling thread's namespace. Every receive on it is
-/// bounded by [`crate::netns::step_timeout`]; error answers carry only the failing message's header
+/// bounded by [`crate::kernel::netns::step_timeout`]; error answers carry only the failing message's header
 /// (NETLINK_CAP_ACK), so a batch with many failing rules cannot overflow the receive buffer
 /// with echoed payloads.
 fn socket() -> Result<mnl::Socket, NftError> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)?;
-    ffi::set_receive_timeout(&socket, crate::netns::step_timeout()).map_err(NftError::Socket)?;
+    ffi::set_receive_timeout(&socket, crate::kernel::netns::step_timeout())
+        .map_err(NftError::Socket)?;
     // Best effort: without it (kernels before 4.3) errors echo the whole message, which only
     // costs receive-buffer space.
     let _ = ffi::set_int_option(&socket, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
@@ -402,7 +403,7 @@ fn send(batch: &FinalizedBatch) -> Result<(), NftError> {
     if sent < buf.len() {
         return Err(send_error(io::Error::other("short send")));
     }
-    let limit = crate::netns::step_timeout();
+    let limit = crate::kernel::netns::step_timeout();
     if wait_for_ack(&socket, &buf, ack_seq, limit)? {
         Ok(())
     } else {
@@ -627,7 +628,7 @@ fn dump(msg: u16, mut each: impl FnMut(&libc::nlmsghdr)) -> Result<(), NftError>
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Err(NftError::Timeout {
                     step: "reading nftables state back from the kernel",
-                    timeout: crate::netns::step_timeout(),
+                    timeout: crate::kernel::netns::step_timeout(),
                 });
             }
             Err(e) => return Err(NftError::Dump(e)),

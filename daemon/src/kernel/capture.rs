@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::device::{self, DeviceError, DeviceSetup};
-use crate::nft::{self, LiveTable, NftError};
-use crate::plan::{self, Decision, PlanDefaults, PlanError, Profile, RedirectPlan};
-use crate::ruleset::{Attached, Owner, Ruleset};
+use crate::kernel::device::{self, DeviceError, DeviceSetup};
+use crate::kernel::nft::{self, LiveTable, NftError};
+use crate::model::plan::{self, Decision, PlanDefaults, PlanError, Profile, RedirectPlan};
+use crate::model::ruleset::{Attached, Owner, Ruleset};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {

@@ -1,6 +1,6 @@
 //! A [`RedirectPlan`] lowered to the shape of an nftables table: chains and rules built from a
 //! small set of matches and verdicts. Still a pure value. Two renderers consume it: `text`
-//! (the `nft -f` form, for explain, docs and golden tests) and `crate::nft` (the netlink batch
+//! (the `nft -f` form, for explain, docs and golden tests) and `crate::kernel::nft` (the netlink batch
 //! the kernel gets). Keeping one lowering for both is what makes the golden text a faithful
 //! picture of what is programmed.
 
@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::plan::{CaptureMode, Cidrs, Loopback, Ports, RedirectPlan};
+use crate::model::plan::{CaptureMode, Cidrs, Loopback, Ports, RedirectPlan};
 
 /// Name of sluice's table in every pod netns (family `inet`).
 pub const TABLE: &str = "sluice";

@@ -16,7 +16,7 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 use tokio_stream::StreamExt;
 
-use crate::plan::{CaptureMode, Loopback, RedirectPlan};
+use crate::model::plan::{CaptureMode, Loopback, RedirectPlan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -166,7 +166,7 @@ async fn step<T>(
     let what = what.into();
     // The kernel answers rtnetlink synchronously; no answer within the step's bound (see
     // `netns::step_timeout`) means none is coming, and the worker must not be held forever.
-    let limit = crate::netns::step_timeout();
+    let limit = crate::kernel::netns::step_timeout();
     match tokio::time::timeout(limit, request).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(source)) => Err(DeviceError::Netlink { what, source }),

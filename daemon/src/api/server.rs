@@ -11,10 +11,10 @@ use tokio::net::UnixListener;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
+use crate::agent::{Agent, InstallState};
 use crate::config::AgentConfig;
+use crate::kernel::netns;
 use crate::metrics::Metrics;
-use crate::netns;
-use crate::service::{AgentService, InstallState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -33,7 +33,7 @@ pub enum ServeError {
     #[error("binding the metrics address {0}: {1}")]
     Metrics(std::net::SocketAddr, #[source] std::io::Error),
     #[error("watching the CNI config dir: {0}")]
-    Install(#[source] crate::install::InstallError),
+    Install(#[source] crate::node::install::InstallError),
     #[error("{0}")]
     Sysctl(String),
 }
@@ -131,7 +131,7 @@ fn peer_filter(
     }
 }
 
-fn set_install(state: &InstallState, result: Result<(), crate::install::InstallError>) {
+fn set_install(state: &InstallState, result: Result<(), crate::node::install::InstallError>) {
     if let Err(e) = &result {
         tracing::warn!(error = %e, "node install is not in place; not ready until it is");
     }
@@ -149,14 +149,18 @@ async fn report_health(
     let install = state
         .lock()
         .map_or_else(|p| p.into_inner().clone(), |g| g.clone());
-    let ready = install.and_then(|()| crate::service::readiness());
+    let ready = install.and_then(|()| crate::agent::readiness());
     metrics.ready.set(i64::from(ready.is_ok()));
     match ready {
-        Ok(()) => reporter.set_serving::<AgentServer<AgentService>>().await,
+        Ok(()) => {
+            reporter
+                .set_serving::<AgentServer<crate::api::grpc::GrpcService>>()
+                .await
+        }
         Err(reason) => {
             tracing::warn!(%reason, "agent is not ready to program pods");
             reporter
-                .set_not_serving::<AgentServer<AgentService>>()
+                .set_not_serving::<AgentServer<crate::api::grpc::GrpcService>>()
                 .await;
         }
     }
@@ -174,8 +178,8 @@ pub async fn serve(
     // What the kernel can do, tried in a scratch namespace before the socket exists, so every
     // answer the agent gives (readiness, CNI STATUS) already knows. Each kernel step in it is
     // bounded; a failed probe keeps the agent serving but not ready, with the reason.
-    let _ = tokio::task::spawn_blocking(crate::probe::init).await;
-    crate::device::use_sysctl_dir(&config.sysctl_dir).map_err(ServeError::Sysctl)?;
+    let _ = tokio::task::spawn_blocking(crate::kernel::probe::init).await;
+    crate::kernel::device::use_sysctl_dir(&config.sysctl_dir).map_err(ServeError::Sysctl)?;
     let listener = bind(&config.socket)?;
     let socket = config.socket.clone();
     let allow = config.allow_uids.clone();
@@ -231,7 +235,9 @@ pub async fn serve(
             // node's address, reachable by any pod.
             let server = tonic::transport::Server::builder()
                 .add_service(health.clone())
-                .serve_with_incoming(crate::ports::Bounded::new(listener, "health").incoming());
+                .serve_with_incoming(
+                    crate::api::ports::Bounded::new(listener, "health").incoming(),
+                );
             Some(tokio::spawn(server))
         }
         None => None,
@@ -242,10 +248,10 @@ pub async fn serve(
         .map(|socket| (socket, config.repair, config.reconcile_interval));
     let ready_metrics = metrics.clone();
     let peer_metrics = metrics.clone();
-    let service = Arc::new(AgentService::new(
-        config,
+    let service = Arc::new(Agent::new(
+        config.plan.clone(),
         policy,
-        metrics,
+        metrics.clone(),
         install_state.clone(),
     ));
     report_health(&install_state, &health_reporter, &ready_metrics).await;
@@ -254,9 +260,9 @@ pub async fn serve(
     let reconciler = discovery.map(|(socket, repair, interval)| {
         service.set_discovery(format!("cri {}: first pass pending", socket.display()));
         tracing::info!(cri_socket = %socket.display(), ?repair, ?interval, "sandbox discovery on");
-        tokio::spawn(crate::reconcile::run(
+        tokio::spawn(crate::node::reconcile::run(
             service.clone(),
-            crate::discovery::Cri::new(&socket),
+            crate::node::discovery::Cri::new(&socket),
             repair,
             interval,
         ))
@@ -274,10 +280,10 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AgentServer::from_arc(service),
+            AgentServer::new(crate::api::grpc::GrpcService::new(service, metrics)),
             peer_filter(allow, peer_metrics),
         ))
-        .serve_with_incoming_shutdown(crate::ports::unix_incoming(listener), async move {
+        .serve_with_incoming_shutdown(crate::api::ports::unix_incoming(listener), async move {
             stopped.notified().await
         });
     tokio::pin!(server);
