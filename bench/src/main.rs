@@ -9,6 +9,7 @@ mod env;
 mod methods;
 mod pod;
 mod report;
+mod rules;
 mod runc;
 mod stats;
 

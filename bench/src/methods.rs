@@ -12,10 +12,7 @@ use tonic::transport::Channel;
 use crate::env::{Agent, Netns, run_with_stdin};
 use crate::runc::InitContainer;
 
-/// istio-cni's golden `basic` (default sidecar pod) in iptables-restore form.
-pub const ISTIO_IPT: &str = include_str!("../rules/istio-default.ipt");
-/// The same pod in Istio's native nftables form (`nft -f`).
-pub const ISTIO_NFT: &str = include_str!("../rules/istio-default.nft");
+pub use crate::rules::{ISTIO_IPT, ISTIO_NFT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {

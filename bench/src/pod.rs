@@ -23,7 +23,7 @@ use sluice_proto::cri::{
 };
 use sluice_tests::cri::{Chain, Containerd, IMAGE};
 
-use crate::methods::ISTIO_IPT;
+use crate::rules::ISTIO_IPT;
 use crate::stats::{Summary, summarize};
 
 const ISTIO_STATUS: (&str, &str) = (

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::env::Netns;
-use crate::methods::ISTIO_IPT;
+use crate::rules::ISTIO_IPT;
 
 #[derive(Debug)]
 pub struct InitContainer {

@@ -8,8 +8,8 @@
 //! | `model/` | what is the capture, as a value? (plans, rulesets, owners) | — |
 //! | `node/` | how does the agent sit on the node? (install, privileges, CRI, reconciler) | `agent`, `kernel`, `model` |
 //!
-//! Top level: `config` (flags and file → the pieces above), `metrics` (their definitions),
-//! `logging`. Imports point one way, down this table; `tests/tests/house.rs` checks it.
+//! Top level: `run` (the process: everything wired together), `config` (flags and file → the
+//! pieces above), `metrics` (their definitions), `logging`. Imports point one way, down this table; `tests/tests/house.rs` checks it.
 //!
 //! One pod's path: the runtime runs `sluice-cni`, which calls `Attach` over the unix socket →
 //! `api::server` (peer uid vetted) → `api::grpc` (deadline from `grpc-timeout`) →
@@ -33,3 +33,4 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod run;

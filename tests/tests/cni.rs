@@ -53,7 +53,19 @@ fn add_twice_is_idempotent() {
         Some(&prev_result("1.0.0")),
     );
     assert_eq!(cni("ADD", "twice", &topo.pod.path(), &stdin).exit, 0);
-    let first = topo.pod.sluice_table().expect("table after first ADD");
+    // As if the first ADD had come long ago: a repeated ADD of the same plan keeps the time
+    // the capture was installed, so the table stays exactly as it was, whenever it comes.
+    let first = untimed(&topo.pod.sluice_table().expect("table after first ADD")).replacen(
+        " at=0\"",
+        " at=1700000000\"",
+        1,
+    );
+    let reload = topo.pod.exec(&[
+        "sh",
+        "-c",
+        &format!("nft delete table inet sluice && nft -f - <<'EOF'\n{first}EOF"),
+    ]);
+    assert!(reload.status.success(), "{reload:?}");
     assert_eq!(cni("ADD", "twice", &topo.pod.path(), &stdin).exit, 0);
     let second = topo.pod.sluice_table().expect("table after second ADD");
     assert_eq!(first, second);

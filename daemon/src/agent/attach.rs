@@ -105,7 +105,7 @@ impl Agent {
                 r.attachment.fingerprint = fingerprint.clone();
                 r.attachment.rule_count = rule_count;
                 r.attachment.profile = profile.to_string();
-                r.attachment.attached_at_unix = at as i64;
+                r.attachment.attached_at_unix = owner.attached_at as i64;
                 r.annotations = annotations.clone();
                 registry.insert(r);
             }
@@ -120,7 +120,7 @@ impl Agent {
                     fingerprint: fingerprint.clone(),
                     profile: profile.to_string(),
                     rule_count,
-                    attached_at_unix: at as i64,
+                    attached_at_unix: owner.attached_at as i64,
                 },
                 annotations,
                 pod_ips: req.pod_ips,

@@ -44,12 +44,25 @@ pub struct Agent {
     discovery: std::sync::Mutex<String>,
     /// The runtime's READY sandboxes as of the last discovery pass, by id (Check of a pod
     /// that was never captured).
-    sandboxes: std::sync::Mutex<std::collections::HashMap<String, crate::node::discovery::Sandbox>>,
+    sandboxes: std::sync::Mutex<std::collections::HashMap<String, Sandbox>>,
     /// When the last DEL of each container arrived (recent ones only): the reconciler never
     /// re-captures a pod whose DEL came after its snapshot.
     detached: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// The ids of READY sandboxes that do not ask for capture, as of the last pass.
     not_asking: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// One READY pod sandbox with its own network namespace, as the container runtime reports it
+/// (`node::discovery` finds them; Check of a pod never captured looks here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    pub id: String,
+    pub pod: sluice_proto::v1::PodRef,
+    pub annotations: BTreeMap<String, String>,
+    /// The netns path; `None` when the runtime does not say (the sandbox is then skipped).
+    pub netns: Option<String>,
+    /// The pod's addresses.
+    pub ips: Vec<String>,
 }
 
 /// Whether the node install (binary + chained config) is in place: `Err(why)` until it is.
@@ -106,7 +119,7 @@ impl Agent {
 
     /// Keeps the runtime's READY sandboxes of the last pass: those asking for capture, and
     /// the ids of the others (what Check needs to answer for them).
-    pub fn set_sandboxes(&self, list: &[crate::node::discovery::Sandbox], not_asking: &[String]) {
+    pub fn set_sandboxes(&self, list: &[Sandbox], not_asking: &[String]) {
         *self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()) =
             list.iter().map(|s| (s.id.clone(), s.clone())).collect();
         *self.not_asking.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -121,7 +134,7 @@ impl Agent {
             .contains(id)
     }
 
-    fn sandbox(&self, id: &str) -> Option<crate::node::discovery::Sandbox> {
+    fn sandbox(&self, id: &str) -> Option<Sandbox> {
         self.sandboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

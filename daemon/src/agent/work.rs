@@ -18,14 +18,14 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 
-/// Kernel work running at once, by default: two cores' worth of netlink round trips with
-/// room for waits on the kernel.
-pub const DEFAULT_WORKERS: usize = 8;
+/// Kernel work running at once, by default: one job per netns worker thread (two cores' worth
+/// of netlink round trips with room for waits on the kernel).
+pub const DEFAULT_WORKERS: usize = crate::kernel::netns::MAX_WORKERS;
 /// Callers that may wait for a worker, by default. A node starts pods a few at a time; 128
 /// waiting is a storm, and beyond it answering "try again" quickly is kinder than queueing.
 pub const DEFAULT_QUEUE: usize = 128;
-/// The longest a caller waits for its turn before being told to try again (the plugin's own
-/// deadline is 2 s by default; the runtime retries).
+/// The longest a caller without a deadline (the reconciler) waits for its turn; a call's own
+/// deadline bounds its wait sooner (`run_within`).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,7 +1,8 @@
-//! How the outside reaches the agent: the gRPC service (`grpc`), the unix socket server with
-//! the health service and the metrics endpoint (`server`), and the bounded TCP ports
+//! How the outside reaches the agent: the gRPC service (`grpc`), the unix socket (`server`), the
+//! metrics endpoint (`http`), and the bounded TCP ports the metrics and health services use
 //! (`ports`).
 
 pub mod grpc;
+pub mod http;
 pub mod ports;
 pub mod server;

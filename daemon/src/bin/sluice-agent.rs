@@ -237,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        sluice::api::server::serve(config, shutdown).await?;
+        sluice::run::serve(config, shutdown).await?;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -55,10 +55,8 @@ impl NetnsError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Thread(_) => true,
-            Self::Open { source, .. } => source
-                .raw_os_error()
-                .is_some_and(crate::kernel::capture::transient_errno),
-            Self::Enter { source, .. } => crate::kernel::capture::transient_errno(*source as i32),
+            Self::Open { source, .. } => source.raw_os_error().is_some_and(transient_errno),
+            Self::Enter { source, .. } => transient_errno(*source as i32),
             _ => false,
         }
     }
@@ -73,6 +71,14 @@ impl NetnsError {
                 | Self::HostNetns(_)
         )
     }
+}
+
+/// Errnos that say the agent (or the kernel) ran short of a resource that comes back.
+pub fn transient_errno(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN | libc::EINTR
+    )
 }
 
 /// Identity of a namespace: (st_dev, st_ino) of its nsfs file.
@@ -292,9 +298,10 @@ impl PodNetns {
 /// One piece of work for a netns worker, given the worker's own (host) namespace to return to.
 type Job = Box<dyn FnOnce(&OwnedFd) + Send>;
 
-/// The most netns worker threads: as many as the agent admits kernel work at once; more jobs
-/// than that wait in the queue.
-const MAX_WORKERS: usize = crate::agent::work::DEFAULT_WORKERS;
+/// The most netns worker threads; more jobs than that wait in the queue. The agent admits as
+/// much kernel work at once (`agent::work`), each job holding one thread and one netlink
+/// connection.
+pub const MAX_WORKERS: usize = 8;
 
 /// Long-lived OS threads that run work inside pod namespaces. Each starts in the agent's own
 /// namespace, opens a handle to it once, and returns to it after every job (see [`Entered`]);

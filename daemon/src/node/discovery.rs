@@ -10,7 +10,6 @@
 //! (CNI never ran for them). Every call is bounded in time and in size ([`MAX_MESSAGE`]); one
 //! sandbox whose status cannot be read is reported and skipped, never the end of the pass.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,17 +57,7 @@ pub struct Listing {
     pub not_asking: Vec<String>,
 }
 
-/// One READY pod sandbox with its own network namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sandbox {
-    pub id: String,
-    pub pod: PodRef,
-    pub annotations: BTreeMap<String, String>,
-    /// The netns path; `None` when the runtime does not say (the sandbox is then skipped).
-    pub netns: Option<String>,
-    /// The pod's addresses.
-    pub ips: Vec<String>,
-}
+pub use crate::agent::Sandbox;
 
 /// A CRI runtime service client, connected on first use and again after a failure.
 #[derive(Debug)]
@@ -77,7 +66,7 @@ pub struct Cri {
     client: Option<RuntimeServiceClient<Channel>>,
 }
 
-async fn bounded<T>(
+async fn timed_call<T>(
     call: &'static str,
     fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, CriError> {
@@ -141,7 +130,7 @@ impl Cri {
 
     async fn list(&mut self) -> Result<Listing, CriError> {
         let mut client = self.client().await?;
-        let items = bounded(
+        let items = timed_call(
             "ListPodSandbox",
             client.list_pod_sandbox(ListPodSandboxRequest {
                 filter: Some(PodSandboxFilter {
@@ -170,7 +159,7 @@ impl Cri {
             })
             .collect();
         for item in asking {
-            let status = match bounded(
+            let status = match timed_call(
                 "PodSandboxStatus",
                 client.pod_sandbox_status(PodSandboxStatusRequest {
                     pod_sandbox_id: item.id.clone(),

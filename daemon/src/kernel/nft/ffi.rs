@@ -284,24 +284,16 @@ pub(super) fn parse_rule(nlh: &libc::nlmsghdr) -> Option<RuleInfo> {
 /// Views each complete netlink message in `buf` (our own batch pages or a kernel reply) as a
 /// header reference. Stops at the first truncated message.
 pub(super) fn messages(buf: &[u8]) -> Vec<&libc::nlmsghdr> {
-    let hdr_len = std::mem::size_of::<libc::nlmsghdr>();
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    while off + hdr_len <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        if len < hdr_len || off + len > buf.len() {
-            break;
-        }
-        let ptr = buf[off..].as_ptr().cast::<libc::nlmsghdr>();
-        if !ptr.is_aligned() {
-            break;
-        }
-        // Safety: `ptr` is aligned, in bounds for `len >= size_of::<nlmsghdr>()` bytes, and
-        // borrows `buf`, so the reference cannot outlive the bytes it points at.
-        out.push(unsafe { &*ptr });
-        off += (len + 3) & !3;
-    }
-    out
+    super::wire::headers(buf)
+        .into_iter()
+        .map_while(|(off, ..)| {
+            let ptr = buf[off..].as_ptr().cast::<libc::nlmsghdr>();
+            // Safety: `headers` yields only complete messages (a header's worth of bytes at
+            // least, within `buf`); the pointer is checked aligned, and the reference borrows
+            // `buf`, so it cannot outlive the bytes it points at.
+            ptr.is_aligned().then(|| unsafe { &*ptr })
+        })
+        .collect()
 }
 
 /// Sets an integer socket option on a netlink socket.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::annotations::{cidr, get, interface, invalid, list, port, star_or};
+use super::values::{cidr, get, interface, invalid, list, port, star_or};
 use super::{CaptureMode, Cidrs, Loopback, PlanDefaults, PlanError, Ports, RedirectPlan};
 
 /// Present on every pod the Istio injector has processed.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::annotations::{cidr, get, id, list, port_ranges};
+use super::values::{cidr, get, id, list, port_ranges};
 use super::{Loopback, PlanError, RedirectPlan};
 
 /// Present on every pod the Linkerd injector has processed.

@@ -11,9 +11,13 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::kernel::device::{self, DeviceError, DeviceSetup};
-use crate::kernel::nft::{self, LiveTable, NftError};
+use crate::kernel::nft::{self, NftError};
 use crate::model::plan::{self, Decision, PlanDefaults, PlanError, Profile, RedirectPlan};
 use crate::model::ruleset::{Attached, Owner, Ruleset};
+
+mod reconcile;
+
+pub use reconcile::{Act, Reconciled, inspect, reconcile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
@@ -61,16 +65,8 @@ impl ProgramError {
         self.is_timeout()
             || io
                 .and_then(std::io::Error::raw_os_error)
-                .is_some_and(transient_errno)
+                .is_some_and(crate::kernel::netns::transient_errno)
     }
-}
-
-/// Errnos that say the agent (or the kernel) ran short of a resource that comes back.
-pub fn transient_errno(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN | libc::EINTR
-    )
 }
 
 /// What a pod asks for: its annotations under the node's defaults, and who it is. The plan is
@@ -200,8 +196,13 @@ pub fn attach(
     if !owner.attach(this.clone()) {
         tracing::warn!(ifname = %this.ifname, attached = ?owner.ifnames(), "cannot count this interface in the table's owner; its DEL will leave the capture to the others");
     }
-    let planned = want.plan(owner)?.ok_or_else(|| not_asked(want))?;
+    let mut planned = want.plan(owner)?.ok_or_else(|| not_asked(want))?;
     let same_plan = ours.is_some_and(|p| p.fingerprint == planned.ruleset.owner.fingerprint);
+    // The same capture again keeps the time it was installed: a repeated ADD leaves the table
+    // exactly as it was.
+    if let Some(p) = ours.filter(|p| same_plan && p.attached_at != 0) {
+        planned.ruleset.owner.attached_at = p.attached_at;
+    }
     // A new interface's ADD of a pod already captured (Multus) only ever adds to its capture.
     let secondary = ours.is_some_and(|p| {
         !p.attachments.is_empty() && p.attachments.iter().all(|a| a.ifname != this.ifname)
@@ -408,104 +409,9 @@ pub fn detach_for(ifname: &str, want: Option<&Want>) -> Result<Detached, Program
     })
 }
 
-/// What [`reconcile`] found, and did.
-#[derive(Debug, Clone)]
-pub struct Reconciled {
-    /// The live table's owner, if there is a table of ours.
-    pub live: Option<Owner>,
-    /// The plan compared with (counting the live table's attachments); `None` when the pod
-    /// does not ask for capture.
-    pub planned: Option<Planned>,
-    /// One line per difference between the namespace and the plan; empty when equal.
-    pub drift: Vec<String>,
-    /// Whether the table was missing (as opposed to present and different).
-    pub missing: bool,
-    /// `Some` when a repair ran: its result.
-    pub repaired: Option<Result<Timings, String>>,
-}
-
-/// How [`reconcile`] acts on a difference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    /// Report only (Check; the reconciler in report mode).
-    Diff,
-    /// Repair when there is a difference (the reconciler).
-    Repair,
-}
-
-/// The one comparison of a pod's namespace with its plan, shared by Check and the reconciler:
-/// the table (ownership and rules; see `nft::diff`), then the device state and sysctls (see
-/// `device::inspect`). The plan counts the attachments the live table's owner counts (the
-/// kernel's record), or `fallback` when there is no table or it counts none (what the agent or
-/// the runtime knows). A pod that does not ask for capture is expected to have no table. With
-/// [`Act::Repair`] and a difference, the plan stamped `at` is applied: a missing capture as
-/// for a fresh pod (on failure the pod is left as it was, uncaptured), an existing one through
-/// [`repair`] (never removed on failure).
-pub fn reconcile(
-    want: &Want,
-    fallback: &[Attached],
-    act: Act,
-    at: u64,
-) -> Result<Reconciled, ProgramError> {
-    let live = nft::read()?;
-    let live_owner = live.as_ref().and_then(LiveTable::owner);
-    let counted = live_owner
-        .as_ref()
-        .map(|o| o.attachments.clone())
-        .filter(|a| !a.is_empty())
-        .unwrap_or_else(|| fallback.to_vec());
-    let mut owner = want.owner(&counted, live_owner.as_ref().map_or(0, |o| o.attached_at));
-    if owner.attached_at == 0 {
-        owner.attached_at = at;
-    }
-    let Some(planned) = want.plan(owner)? else {
-        let drift = live
-            .map(|_| vec!["a sluice table exists for a pod that is not captured".to_owned()])
-            .unwrap_or_default();
-        return Ok(Reconciled {
-            live: live_owner,
-            planned: None,
-            missing: false,
-            drift,
-            repaired: None,
-        });
-    };
-    let setup = DeviceSetup::from_plan(&planned.plan);
-    let mut drift = nft::diff(&nft::expected(&planned.ruleset), live.as_ref());
-    drift.extend(device::inspect(&setup).map_err(ProgramError::Inspect)?);
-    let repaired = (act == Act::Repair && !drift.is_empty()).then(|| {
-        let mut rs = planned.ruleset.clone();
-        rs.owner.attached_at = at;
-        if live.is_some() {
-            repair(&rs, &planned.plan)
-        } else {
-            fresh(&rs, &planned.plan)
-        }
-        .map_err(|e| e.to_string())
-    });
-    Ok(Reconciled {
-        live: live_owner,
-        missing: live.is_none(),
-        planned: Some(planned),
-        drift,
-        repaired,
-    })
-}
-
-/// Programs a pod that has no table (the reconciler's repair of a missing capture): as an ADD
-/// of a fresh pod, rolled back whole on failure.
-fn fresh(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
-    let start = Instant::now();
-    if !nft::create(rs)? {
-        // Someone's ADD got there first: make it equal in place instead.
-        return repair(rs, plan);
-    }
-    complete_fresh(plan, start)
-}
-
 /// Device setup and sysctls after this call created the table; on failure everything the
 /// call added — device state, sysctls, the table — is removed again.
-fn complete_fresh(plan: &RedirectPlan, start: Instant) -> Result<Timings, ProgramError> {
+pub(super) fn complete_fresh(plan: &RedirectPlan, start: Instant) -> Result<Timings, ProgramError> {
     let nft_done = Instant::now();
     let nft_at_ns = now_ns();
     let setup = DeviceSetup::from_plan(plan);
@@ -525,17 +431,4 @@ fn complete_fresh(plan: &RedirectPlan, start: Instant) -> Result<Timings, Progra
         return Err(ProgramError::Device(e));
     }
     Ok(Timings::since(start, nft_done, nft_at_ns))
-}
-
-/// Reads our table back, and compares the device state with `device` when the pod should be
-/// captured (see [`device::inspect`]).
-pub fn inspect(
-    device: Option<&DeviceSetup>,
-) -> Result<(Option<LiveTable>, Vec<String>), ProgramError> {
-    let live = nft::read()?;
-    let drift = match device {
-        Some(d) => device::inspect(d).map_err(ProgramError::Inspect)?,
-        None => Vec::new(),
-    };
-    Ok((live, drift))
 }
