@@ -223,6 +223,17 @@ impl Metrics {
                 reason: reason.into(),
             }));
         }
+        for (family, results) in [
+            (&m.detaches, ["removed", "absent", "error"]),
+            (&m.checks, ["ok", "drift", "error"]),
+        ] {
+            for result in results {
+                drop(family.get_or_create(&Outcome {
+                    result: result.into(),
+                    reason: String::new(),
+                }));
+            }
+        }
         for profile in ["istio", "linkerd"] {
             drop(m.native_overrides_ignored.get_or_create(&Profile {
                 profile: profile.into(),
