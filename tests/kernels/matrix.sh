@@ -19,18 +19,23 @@ mkdir -p "$work"
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(golden traffic cni differential safety check upgrade)
 
-# The oldest supported kernel (README, "Supported platforms") is the first entry.
+# The oldest supported kernel (README, "Supported platforms") is the first entry. A package
+# of another Debian suite is written SUITE:PACKAGE and comes through tests/apt/suite.sh (its
+# own apt state, derived from this machine's sources; the host's lists are untouched).
+bullseye=bullseye+bullseye-security
 resolve() { # newest package whose name matches the regex, from the Debian archive
   apt-cache search --names-only "$1" | awk '{print $1}' | sort -V | tail -n1
 }
 if [ -n "${SLUICE_KERNELS:-}" ]; then
   read -r -a packages <<<"$SLUICE_KERNELS"
 else
-  packages=("$(resolve '^linux-image-6\.1\.0-[0-9]+-amd64$')"
+  bash tests/apt/suite.sh "$bullseye" update
+  packages=("$bullseye:$(bash tests/apt/suite.sh "$bullseye" search '^linux-image-5\.10\.0-[0-9]+-amd64$' | tail -n1)"
+            "$(resolve '^linux-image-6\.1\.0-[0-9]+-amd64$')"
             "$(resolve '^linux-image-6\.12\.[0-9]+\+deb12-amd64$')")
 fi
 for p in "${packages[@]}"; do
-  [ -n "$p" ] || { echo "kernel matrix: a kernel package could not be resolved (apt-get update first)" >&2; exit 1; }
+  [ -n "${p#*:}" ] || { echo "kernel matrix: a kernel package could not be resolved (apt-get update first)" >&2; exit 1; }
 done
 
 # virtme-ng from PyPI, pinned, in its own venv.
@@ -45,11 +50,16 @@ export PATH=$venv/bin:$PATH
 # unpacked; their modules go under /lib/modules, where the guest (which boots over the host's
 # root filesystem) loads them from.
 kernel_image=()
-for p in "${packages[@]}"; do
+for entry in "${packages[@]}"; do
+  p=${entry#*:}
   dir=$work/$p
   if [ ! -d "$dir/boot" ]; then
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
-    (cd "$dir.tmp" && apt-get download -q "$p" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    if [ "$entry" != "$p" ]; then
+      bash tests/apt/suite.sh "${entry%%:*}" download "$dir.tmp" "$p"
+    else
+      (cd "$dir.tmp" && apt-get download -q "$p" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    fi
     deb=$(ls "$dir.tmp"/*.deb)
     dpkg-deb -x "$deb" "$dir.tmp/x"
     mv "$dir.tmp/x" "$dir" && rm -rf "$dir.tmp"

@@ -131,9 +131,11 @@ fn render(ips: &[&str], extra: &[(&'static str, &'static str)]) -> String {
     // The owner matches what `cni()` sends for container "golden" (K8S_POD_UID=uid-golden,
     // CNI_IFNAME=eth0, network example-net, these addresses); its attach time is 0 here and
     // masked in the kernel's listing (see `untimed`).
-    let owner = Owner::new(&plan.fingerprint(), &format!("uid-{CONTAINER}"), CONTAINER).on(
+    let mut owner = Owner::new(&plan.fingerprint(), &format!("uid-{CONTAINER}"), CONTAINER).on(
         Attached::new("eth0", "example-net", Families::present(&addrs(ips))),
     );
+    // A fresh pod's `lo` has no `::6`: the agent adds it, and its owner says so.
+    owner.lo_address = sluice::kernel::device::DeviceSetup::from_plan(&plan).lo_address6;
     Ruleset::from_plan(&plan, owner).to_nft_script()
 }
 

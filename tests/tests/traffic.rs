@@ -452,6 +452,46 @@ fn ipv6_is_captured_from_the_pod_ips_and_loopback_is_never_redirected() {
     assert!(topo.pod.sluice_table().is_none());
 }
 
+/// `::6` on `lo` is sluice's to remove exactly when sluice added it: a pod whose `::6` was
+/// there first (its runtime, a mesh's init container) keeps it after sluice's DEL; one where
+/// sluice added it loses it. Ownership is recorded in the table's owner, so this holds on every
+/// kernel, also those that keep no address protocol tag (before 6.1); Check finds the address
+/// where it is, whoever added it.
+#[test]
+fn the_passthrough_address_is_removed_only_when_sluice_added_it() {
+    require_root();
+    let ips = [POD_CIDR4, POD_CIDR6];
+    let lo6 = |topo: &Topology| {
+        topo.pod
+            .ip(&["-6", "addr", "show", "dev", "lo"])
+            .contains("inet6 ::6/128")
+    };
+    // Someone else's ::6 first.
+    let topo = Topology::new("lo6pre");
+    topo.pod
+        .ip(&["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"]);
+    let agent = Agent::start("lo6pre");
+    let stdin = conf(
+        "1.0.0",
+        &agent.socket_str(),
+        &[("sluice.dev/redirect", "enabled")],
+        Some(&prev_result_with("1.0.0", &ips)),
+    );
+    assert_eq!(cni("ADD", "lo6pre", &topo.pod.path(), &stdin).exit, 0);
+    let table = topo.pod.sluice_table().expect("captured");
+    assert!(!table.contains(" lo=::6"), "not sluice's: {table}");
+    assert_eq!(cni("CHECK", "lo6pre", &topo.pod.path(), &stdin).exit, 0);
+    del("lo6pre", &topo, &agent, &[]);
+    assert!(lo6(&topo), "DEL keeps a ::6 sluice did not add");
+    // sluice's own.
+    let (topo, agent) = attached_with("lo6own", &ips, &[]);
+    let table = topo.pod.sluice_table().expect("captured");
+    assert!(table.contains(" lo=::6"), "sluice's, and recorded: {table}");
+    assert!(lo6(&topo));
+    del("lo6own", &topo, &agent, &[]);
+    assert!(!lo6(&topo), "DEL removes the ::6 sluice added");
+}
+
 #[test]
 fn an_ipv4_only_pod_leaves_ipv6_alone() {
     let (topo, _agent) = attached("v4only", &[]);

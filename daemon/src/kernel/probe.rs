@@ -8,7 +8,8 @@
 //! - nf_tables nat chains with `redirect`, `meta skuid/skgid`, `ct` (4.18): every REDIRECT plan;
 //! - rule comments (rule userdata, 3.15): the owner metadata Check and the reconciler read
 //!   back (in the table's `owner` chain; table comments would need 5.13);
-//! - address protocol tags (`IFA_PROTO`, 6.1): how Detach finds the `::6` it added to `lo`;
+//! - the `::6` sluice adds to `lo` removed exactly when it added it (its ownership is in the
+//!   table's owner, so no address protocol tag, `IFA_PROTO` of 6.1, is needed);
 //! - `tproxy` and `socket` expressions (4.19): TPROXY plans only;
 //! - ACK of the batch-end message (6.10): reported only; sluice never relies on it (see
 //!   `nft::send`).
@@ -31,8 +32,8 @@ pub struct KernelFeatures {
     pub redirect: Result<(), String>,
     /// What the kernel holds equals the plan, table comment included.
     pub read_back: Result<(), String>,
-    /// Detach found and removed the `::6` it added, by its protocol tag.
-    pub address_protocol: Result<(), String>,
+    /// Detach removed the `::6` it added to `lo` (the table's owner records it).
+    pub lo_address: Result<(), String>,
     /// A TPROXY plan (tproxy/socket expressions, policy routing) applied and removed.
     pub tproxy: Result<(), String>,
     /// The kernel acknowledges the batch-end message (informational).
@@ -46,7 +47,7 @@ impl KernelFeatures {
         let need = |what: &str, r: &Result<(), String>| {
             r.clone().map_err(|e| {
                 format!(
-                    "kernel {} lacks {what}: {e} (sluice needs Linux 6.1 or later with nf_tables)",
+                    "kernel {} lacks {what}: {e} (sluice needs Linux 5.10 or later with nf_tables)",
                     self.release
                 )
             })
@@ -56,7 +57,7 @@ impl KernelFeatures {
             "exact nftables read-back (rules and their comments)",
             &self.read_back,
         )?;
-        need("address protocol tags (IFA_PROTO)", &self.address_protocol)
+        need("removing the ::6 it added to lo", &self.lo_address)
     }
 
     /// One log line with the whole picture.
@@ -73,19 +74,19 @@ impl KernelFeatures {
         let fields = (
             show(&self.redirect),
             show(&self.read_back),
-            show(&self.address_protocol),
+            show(&self.lo_address),
             show(&self.tproxy),
         );
         if self.required().is_ok() {
             tracing::info!(
                 kernel = %self.release, redirect = %fields.0, read_back = %fields.1,
-                address_protocol = %fields.2, tproxy = %fields.3, batch_end_ack = %end_ack,
+                lo_address = %fields.2, tproxy = %fields.3, batch_end_ack = %end_ack,
                 "kernel probed"
             );
         } else {
             tracing::error!(
                 kernel = %self.release, redirect = %fields.0, read_back = %fields.1,
-                address_protocol = %fields.2, tproxy = %fields.3, batch_end_ack = %end_ack,
+                lo_address = %fields.2, tproxy = %fields.3, batch_end_ack = %end_ack,
                 "kernel probed: sluice cannot capture pods correctly on this kernel"
             );
         }
@@ -162,7 +163,7 @@ fn probe_here() -> KernelFeatures {
         release,
         redirect: Err("not tried".into()),
         read_back: Err("not tried".into()),
-        address_protocol: Err("not tried".into()),
+        lo_address: Err("not tried".into()),
         tproxy: Err("not tried".into()),
         batch_end_ack: Err("not tried".into()),
     };
@@ -187,12 +188,12 @@ fn probe_here() -> KernelFeatures {
                 let ipv6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
                     .is_ok_and(|v| v.trim() == "0");
                 let had = lo_has_passthrough6();
-                f.address_protocol = match capture::detach() {
+                f.lo_address = match capture::detach() {
                     Err(e) => Err(e.to_string()),
                     Ok(_) if !ipv6 => Ok(()),
                     Ok(_) if !had => Err("::6 was not on lo after attach".into()),
                     Ok(_) if lo_has_passthrough6() => {
-                        Err("detach left ::6 on lo: its protocol tag was not kept".into())
+                        Err("detach left the ::6 it added on lo".into())
                     }
                     Ok(_) => Ok(()),
                 };
@@ -206,7 +207,7 @@ fn probe_here() -> KernelFeatures {
     .and_then(|_| {
         capture::detach().map_err(|e| e.to_string())?;
         // The policy routing must be gone too.
-        match device::teardown() {
+        match device::teardown(None) {
             Ok(false) => Ok(()),
             Ok(true) => Err("detach left policy routing behind".into()),
             Err(e) => Err(e.to_string()),

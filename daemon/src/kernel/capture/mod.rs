@@ -168,16 +168,17 @@ pub fn attach(
         .cloned()
         .collect();
     attachments.push(this.clone());
-    let fresh = want
+    let mut fresh = want
         .plan(want.owner(&attachments, at))?
         .ok_or_else(|| not_asked(want))?;
+    own_lo_address(&mut fresh, None)?;
     let created = nft::create(&fresh.ruleset).inspect_err(|e| {
         if matches!(e, NftError::Timeout { .. }) {
             remove_if_sent(&fresh.ruleset.owner);
         }
     })?;
     if created {
-        let timings = complete_fresh(&fresh.plan, start)?;
+        let timings = complete_fresh(&fresh.plan, fresh.ruleset.owner.lo_address, start)?;
         return Ok(Attach {
             planned: fresh,
             replaced: false,
@@ -203,6 +204,12 @@ pub fn attach(
     if let Some(p) = ours.filter(|p| same_plan && p.attached_at != 0) {
         planned.ruleset.owner.attached_at = p.attached_at;
     }
+    own_lo_address(&mut planned, ours)?;
+    let owned = planned.ruleset.owner.lo_address;
+    // An address sluice added that the plan no longer has goes (after the new state is in).
+    let released = ours
+        .and_then(|p| p.lo_address)
+        .filter(|a| Some(*a) != owned);
     // A new interface's ADD of a pod already captured (Multus) only ever adds to its capture.
     let secondary = ours.is_some_and(|p| {
         !p.attachments.is_empty() && p.attachments.iter().all(|a| a.ifname != this.ifname)
@@ -212,7 +219,7 @@ pub fn attach(
     nft::replace(&planned.ruleset)?;
     let nft_done = Instant::now();
     let nft_at_ns = now_ns();
-    let setup = DeviceSetup::from_plan(&planned.plan);
+    let setup = DeviceSetup::from_plan(&planned.plan).owning(owned);
     if same_plan || secondary {
         device::setup(&setup, device::Setup::Repair).map_err(ProgramError::Repair)?;
         device::write_sysctls(&setup.sysctls).map_err(ProgramError::Repair)?;
@@ -224,11 +231,36 @@ pub fn attach(
             return Err(ProgramError::Device(e));
         }
     }
+    if let Some(a) = released {
+        device::release(a).map_err(ProgramError::Repair)?;
+    }
     Ok(Attach {
         planned,
         replaced: true,
         timings: Timings::since(start, nft_done, nft_at_ns),
     })
+}
+
+/// Records in the planned owner whether sluice owns the `lo` address the plan has (`::6`):
+/// it does when the previous owner says so, or when the address is not there yet (this call
+/// adds it). An address already there is someone else's (the pod's runtime, a mesh's init
+/// container), and sluice never removes it. One code path on every kernel: the address's own
+/// protocol tag, which would say it, needs Linux 6.1.
+pub(super) fn own_lo_address(
+    planned: &mut Planned,
+    previous: Option<&Owner>,
+) -> Result<(), ProgramError> {
+    let wanted = DeviceSetup::from_plan(&planned.plan).lo_address6;
+    planned.ruleset.owner.lo_address = match wanted {
+        None => None,
+        Some(a) if previous.and_then(|p| p.lo_address) == Some(a) => Some(a),
+        Some(a) => match device::lo_has(a).map_err(ProgramError::Inspect)? {
+            Some(false) => Some(a),
+            // There already, or IPv6 off on lo (then nothing is added).
+            Some(true) | None => None,
+        },
+    };
+    Ok(())
 }
 
 fn not_asked(want: &Want) -> ProgramError {
@@ -271,7 +303,7 @@ fn put_back(restore: Option<&Want>, previous: Option<&Owner>) {
         (planned.ruleset.owner.fingerprint == owner.fingerprint).then_some(planned)
     });
     let Some(planned) = back else {
-        if let Err(e) = device::teardown() {
+        if let Err(e) = device::teardown(previous.and_then(|p| p.lo_address)) {
             tracing::error!(error = %e, "removing device setup after a failed plan change");
         }
         if let Err(e) = nft::remove() {
@@ -282,7 +314,7 @@ fn put_back(restore: Option<&Want>, previous: Option<&Owner>) {
     let mut ruleset = planned.ruleset;
     // `plan` stamped its own fingerprint; the owner stays as the kernel had it.
     ruleset.owner = previous.cloned().unwrap_or(ruleset.owner);
-    let setup = DeviceSetup::from_plan(&planned.plan);
+    let setup = DeviceSetup::from_plan(&planned.plan).owning(ruleset.owner.lo_address);
     let restored = nft::replace(&ruleset)
         .map_err(ProgramError::Nft)
         .and_then(|()| device::setup(&setup, device::Setup::Replace).map_err(ProgramError::Device))
@@ -306,7 +338,7 @@ pub fn repair(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError
     nft::replace(rs)?;
     let nft_done = Instant::now();
     let nft_at_ns = now_ns();
-    let setup = DeviceSetup::from_plan(plan);
+    let setup = DeviceSetup::from_plan(plan).owning(rs.owner.lo_address);
     device::setup(&setup, device::Setup::Repair).map_err(ProgramError::Repair)?;
     device::write_sysctls(&setup.sysctls).map_err(ProgramError::Repair)?;
     Ok(Timings::since(start, nft_done, nft_at_ns))
@@ -344,8 +376,16 @@ pub fn now_ns() -> u64 {
 /// Removes our table and our rules, routes and addresses. `Ok(false)` when there was nothing
 /// to remove.
 pub fn detach() -> Result<bool, ProgramError> {
+    let owned = nft::read()?
+        .and_then(|t| t.owner())
+        .and_then(|o| o.lo_address);
+    detach_owning(owned)
+}
+
+/// [`detach`], the table's owner having said which `lo` address is sluice's.
+fn detach_owning(owned: Option<std::net::Ipv6Addr>) -> Result<bool, ProgramError> {
     let table = nft::remove()?;
-    let device = device::teardown().map_err(ProgramError::Teardown)?;
+    let device = device::teardown(owned).map_err(ProgramError::Teardown)?;
     Ok(table || device)
 }
 
@@ -392,7 +432,7 @@ pub fn detach_for(ifname: &str, want: Option<&Want>) -> Result<Detached, Program
         });
     }
     if owner.attachments.is_empty() {
-        return detach().map(Detached::Removed);
+        return detach_owning(owner.lo_address).map(Detached::Removed);
     }
     let narrower = owner.families().or_dual() != live.families();
     match want.filter(|_| narrower).map(|w| w.plan(owner.clone())) {
@@ -411,15 +451,19 @@ pub fn detach_for(ifname: &str, want: Option<&Want>) -> Result<Detached, Program
 
 /// Device setup and sysctls after this call created the table; on failure everything the
 /// call added — device state, sysctls, the table — is removed again.
-pub(super) fn complete_fresh(plan: &RedirectPlan, start: Instant) -> Result<Timings, ProgramError> {
+pub(super) fn complete_fresh(
+    plan: &RedirectPlan,
+    owned: Option<std::net::Ipv6Addr>,
+    start: Instant,
+) -> Result<Timings, ProgramError> {
     let nft_done = Instant::now();
     let nft_at_ns = now_ns();
-    let setup = DeviceSetup::from_plan(plan);
+    let setup = DeviceSetup::from_plan(plan).owning(owned);
     let result = device::setup(&setup, device::Setup::Fresh).and_then(|()| {
         device::write_sysctls(&setup.sysctls)
             .map(drop)
             .inspect_err(|_| {
-                if let Err(e) = device::teardown() {
+                if let Err(e) = device::teardown(owned) {
                     tracing::error!(error = %e, "removing device setup after a failed sysctl");
                 }
             })

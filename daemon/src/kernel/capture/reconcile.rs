@@ -59,7 +59,7 @@ pub fn reconcile(
     if owner.attached_at == 0 {
         owner.attached_at = at;
     }
-    let Some(planned) = want.plan(owner)? else {
+    let Some(mut planned) = want.plan(owner)? else {
         let drift = live
             .map(|_| vec!["a sluice table exists for a pod that is not captured".to_owned()])
             .unwrap_or_default();
@@ -71,7 +71,8 @@ pub fn reconcile(
             repaired: None,
         });
     };
-    let setup = DeviceSetup::from_plan(&planned.plan);
+    super::own_lo_address(&mut planned, live_owner.as_ref())?;
+    let setup = DeviceSetup::from_plan(&planned.plan).owning(planned.ruleset.owner.lo_address);
     let mut drift = nft::diff(&nft::expected(&planned.ruleset), live.as_ref());
     drift.extend(device::inspect(&setup).map_err(ProgramError::Inspect)?);
     let repaired = (act == Act::Repair && !drift.is_empty()).then(|| {
@@ -101,7 +102,7 @@ fn fresh(rs: &Ruleset, plan: &RedirectPlan) -> Result<Timings, ProgramError> {
         // Someone's ADD got there first: make it equal in place instead.
         return repair(rs, plan);
     }
-    complete_fresh(plan, start)
+    complete_fresh(plan, rs.owner.lo_address, start)
 }
 
 /// Reads our table back, and compares the device state with `device` when the pod should be

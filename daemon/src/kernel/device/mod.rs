@@ -71,6 +71,12 @@ pub struct DeviceSetup {
     pub ipv4: bool,
     pub ipv6: bool,
     pub sysctls: Vec<(String, String)>,
+    /// The `lo` address sluice owns in this namespace, from the table's owner (it added it:
+    /// it was not there before). Removed with the capture, and only then; `None` when the
+    /// address was already there (the runtime's, a mesh init container's) or is not planned.
+    /// Ownership is recorded in the table, not read from the address: the address protocol
+    /// tag (`IFA_PROTO`) that would say it needs Linux 6.1.
+    pub owned_lo: Option<Ipv6Addr>,
 }
 
 impl DeviceSetup {
@@ -90,7 +96,14 @@ impl DeviceSetup {
             ipv4: plan.families.ipv4,
             ipv6: plan.families.ipv6,
             sysctls: plan.sysctls.clone(),
+            owned_lo: None,
         }
+    }
+
+    /// The same steps, with sluice owning `owned` on `lo` (see [`DeviceSetup::owned_lo`]).
+    pub fn owning(mut self, owned: Option<Ipv6Addr>) -> Self {
+        self.owned_lo = owned;
+        self
     }
 
     fn families(&self) -> impl Iterator<Item = (IpVersion, &'static str)> {
@@ -209,7 +222,7 @@ pub enum Setup {
 pub fn setup(s: &DeviceSetup, mode: Setup) -> Result<(), DeviceError> {
     with_handle(async |handle| {
         if mode == Setup::Replace {
-            remove_ours(&handle).await?;
+            remove_ours(&handle, None).await?;
         }
         let result = async {
             step(
@@ -235,7 +248,7 @@ pub fn setup(s: &DeviceSetup, mode: Setup) -> Result<(), DeviceError> {
         .await;
         if result.is_err()
             && mode != Setup::Repair
-            && let Err(e) = remove_ours(&handle).await
+            && let Err(e) = remove_ours(&handle, s.owned_lo).await
         {
             tracing::error!(error = %e, "removing device setup after a failed step also failed");
         }
@@ -357,8 +370,9 @@ async fn add_ours(handle: &Handle, s: &DeviceSetup) -> Result<(), DeviceError> {
     Ok(())
 }
 
-/// Removes every rule, route and `lo` address tagged with [`PROTO`]. `Ok(true)` if any was.
-async fn remove_ours(handle: &Handle) -> Result<bool, DeviceError> {
+/// Removes every rule, route and `lo` address tagged with [`PROTO`], and `owned` on `lo` (an
+/// address sluice added on a kernel that keeps no tag). `Ok(true)` if any was.
+async fn remove_ours(handle: &Handle, owned: Option<Ipv6Addr>) -> Result<bool, DeviceError> {
     let proto = RouteProtocol::Other(PROTO);
     let mut removed = false;
     for version in [IpVersion::V4, IpVersion::V6] {
@@ -414,7 +428,8 @@ async fn remove_ours(handle: &Handle) -> Result<bool, DeviceError> {
     for address in addresses {
         let ours = address
             .attributes
-            .contains(&AddressAttribute::Protocol(AddressProtocol::Other(PROTO)));
+            .contains(&AddressAttribute::Protocol(AddressProtocol::Other(PROTO)))
+            || (owned.is_some() && address_ip(&address) == owned.map(IpAddr::V6));
         if ours {
             step(
                 "deleting a sluice lo address",
@@ -428,7 +443,67 @@ async fn remove_ours(handle: &Handle) -> Result<bool, DeviceError> {
 }
 
 /// Removes sluice's rules, routes and addresses from the calling thread's namespace (Detach,
-/// rollback). `Ok(true)` if there were any.
-pub fn teardown() -> Result<bool, DeviceError> {
-    with_handle(async |handle| remove_ours(&handle).await)
+/// rollback), and `owned` on `lo` (see [`DeviceSetup::owned_lo`]). `Ok(true)` if there were any.
+pub fn teardown(owned: Option<Ipv6Addr>) -> Result<bool, DeviceError> {
+    with_handle(async |handle| remove_ours(&handle, owned).await)
+}
+
+/// Removes `addr` from `lo` if it is there: an address sluice added that its plan no longer has.
+pub fn release(addr: Ipv6Addr) -> Result<(), DeviceError> {
+    with_handle(async |handle| {
+        let addresses: Vec<_> = step(
+            "listing lo addresses",
+            handle
+                .address()
+                .get()
+                .set_link_index_filter(LOOPBACK_INDEX)
+                .execute()
+                .collect::<Result<Vec<_>, _>>(),
+        )
+        .await?;
+        for a in addresses {
+            if address_ip(&a) == Some(IpAddr::V6(addr)) {
+                step(
+                    format!("removing {addr} from lo"),
+                    handle.address().del(a).execute(),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The address of an address message.
+pub(super) fn address_ip(a: &netlink_packet_route::address::AddressMessage) -> Option<IpAddr> {
+    a.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })
+}
+
+/// Whether `addr` is on `lo` now: `None` when IPv6 is off there (sluice adds no IPv6 address
+/// then). Read before an attach that plans the address, so the owner records whether sluice
+/// adds it.
+pub fn lo_has(addr: Ipv6Addr) -> Result<Option<bool>, DeviceError> {
+    with_handle(async |handle| {
+        if !ipv6_enabled(&read_lo(&handle).await?) {
+            return Ok(None);
+        }
+        let addresses: Vec<_> = step(
+            "listing lo addresses",
+            handle
+                .address()
+                .get()
+                .set_link_index_filter(LOOPBACK_INDEX)
+                .execute()
+                .collect::<Result<Vec<_>, _>>(),
+        )
+        .await?;
+        Ok(Some(
+            addresses
+                .iter()
+                .any(|a| address_ip(a) == Some(IpAddr::V6(addr))),
+        ))
+    })
 }

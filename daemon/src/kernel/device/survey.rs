@@ -11,8 +11,8 @@ use tokio_stream::StreamExt;
 
 use super::sysctl::sysctl_path;
 use super::{
-    DeviceError, DeviceSetup, LOOPBACK_INDEX, PROTO, TPROXY_RULE_PRIORITY, ipv6_enabled, read_lo,
-    step, with_handle,
+    DeviceError, DeviceSetup, LOOPBACK_INDEX, PROTO, TPROXY_RULE_PRIORITY, address_ip,
+    ipv6_enabled, read_lo, step, with_handle,
 };
 
 /// Compares the device state of the calling thread's namespace with `s`: `lo` up, the `::6`
@@ -78,31 +78,27 @@ async fn survey(handle: &Handle, s: &DeviceSetup) -> Result<Survey, DeviceError>
             .collect::<Result<Vec<_>, _>>(),
     )
     .await?;
-    let ours: Vec<(IpAddr, _)> = addresses
-        .into_iter()
-        .filter(|a| {
-            a.attributes
-                .contains(&AddressAttribute::Protocol(AddressProtocol::Other(PROTO)))
-        })
-        .filter_map(|a| {
-            let ip = a.attributes.iter().find_map(|attr| match attr {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            })?;
-            Some((ip, a))
-        })
-        .collect();
+    // The plan's address counts wherever it came from (the pod's runtime or a mesh's init
+    // container may have added it first); sluice's own are the ones it tagged (Linux 6.1+
+    // keeps the tag) or its owner records.
     let want_address = s.lo_address6.filter(|_| ipv6).map(IpAddr::V6);
     if let Some(want) = want_address
-        && !ours.iter().any(|(a, _)| *a == want)
+        && !addresses.iter().any(|a| address_ip(a) == Some(want))
     {
         drift.push(format!("address {want}/128 on lo is missing"));
     }
-    for (have, msg) in ours.into_iter().filter(|(a, _)| Some(*a) != want_address) {
-        unexpected.push((
-            format!("unexpected sluice address {have} on lo"),
-            Unexpected::Address(msg),
-        ));
+    for a in addresses {
+        let Some(have) = address_ip(&a) else { continue };
+        let ours = a
+            .attributes
+            .contains(&AddressAttribute::Protocol(AddressProtocol::Other(PROTO)))
+            || s.owned_lo.map(IpAddr::V6) == Some(have);
+        if ours && Some(have) != want_address {
+            unexpected.push((
+                format!("unexpected sluice address {have} on lo"),
+                Unexpected::Address(a),
+            ));
+        }
     }
     for (version, flag) in [(IpVersion::V4, ""), (IpVersion::V6, " -6")] {
         let wanted = match version {

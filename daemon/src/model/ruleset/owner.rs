@@ -7,7 +7,7 @@
 //! 5.13), and that the node's own `nft` prints and loads back. Each comment is one line:
 //!
 //! ```text
-//! sluice/v2 fp=<plan fingerprint> pod=<pod uid> at=<unix time of the last installing ADD>
+//! sluice/v2 fp=<plan fingerprint> pod=<pod uid> at=<unix time of the install> [lo=::6]
 //! sluice/v2 id=<full container id>
 //! sluice/v2 if=<CNI_IFNAME> net=<CNI network name> ip=<4|6|4,6|->    (one per attachment)
 //! ```
@@ -95,6 +95,9 @@ pub struct Owner {
     /// several networks keeps its capture until the DEL of the last of them. Empty when
     /// unknown (tables of old releases): any DEL removes such a table.
     pub attachments: Vec<Attached>,
+    /// The address sluice added to `lo` (Istio's `::6` passthrough source), when it was not
+    /// there before: removed with the capture, and never when something else added it.
+    pub lo_address: Option<std::net::Ipv6Addr>,
 }
 
 /// Keeps a runtime value parseable in a comment (no spaces, `=` or quotes) and bounded.
@@ -115,6 +118,7 @@ impl Owner {
             container_id: clean(container_id, 100),
             attached_at: 0,
             attachments: Vec::new(),
+            lo_address: None,
         }
     }
 
@@ -177,10 +181,14 @@ impl Owner {
     /// The owner as the comments of the `owner` chain's rules, each at most [`MAX_COMMENT`]
     /// bytes.
     pub fn to_comments(&self) -> Vec<String> {
-        let mut out = vec![format!(
+        let mut first = format!(
             "{TAG_V2} fp={} pod={} at={}",
             self.fingerprint, self.pod_uid, self.attached_at
-        )];
+        );
+        if let Some(a) = self.lo_address {
+            first += &format!(" lo={a}");
+        }
+        let mut out = vec![first];
         if !self.container_id.is_empty() {
             out.push(format!("{TAG_V2} id={}", self.container_id));
         }
@@ -217,6 +225,7 @@ impl Owner {
                     "pod" => o.pod_uid = clean(v, 36),
                     "at" => o.attached_at = v.parse().unwrap_or(0),
                     "id" => o.container_id = clean(v, 100),
+                    "lo" => o.lo_address = v.parse().ok(),
                     _ => {}
                 }
             }
@@ -282,6 +291,7 @@ mod tests {
         let mut o = Owner::new("0123456789abcdef", uid, id)
             .on(eth0())
             .at(1_763_797_200);
+        o.lo_address = Some("::6".parse().expect("v6"));
         assert!(o.attach(Attached::new("net1", "macvlan-conf", Families::IPV6)));
         assert!(o.attach(eth0()), "a repeat is counted once");
         assert_eq!(o.ifnames(), ["eth0", "net1"]);
