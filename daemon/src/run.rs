@@ -98,10 +98,9 @@ pub async fn serve(
     let node_install = config.install.clone();
     let mut _watcher = None;
     if let Some(ni) = &node_install {
-        set_install(&install_state, ni.installer.install().map(|changes| {
-            tracing::info!(binary_written = changes.binary, config_written = ?changes.config, "install pass done");
-        }));
-        // Keep the chain in place when the primary CNI rewrites its config.
+        // Keep the chain in place when the primary CNI rewrites its config. The watch starts
+        // before the first pass: a rewrite between the two would otherwise go unseen (the
+        // pass's own write only brings a pass that finds the entry there).
         let (state, reporter) = (install_state.clone(), health_reporter.clone());
         let watch_metrics = metrics.clone();
         let handle = tokio::runtime::Handle::current();
@@ -119,6 +118,9 @@ pub async fn serve(
                 })
                 .map_err(ServeError::Install)?,
         );
+        set_install(&install_state, ni.installer.install().map(|changes| {
+            tracing::info!(binary_written = changes.binary, config_written = ?changes.config, "install pass done");
+        }));
     }
     let health_task = match config.health_addr {
         Some(addr) => {

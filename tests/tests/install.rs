@@ -297,6 +297,16 @@ fn the_agent_re_chains_after_the_primary_cni_rewrites_its_config() {
         );
         assert!(chained(1), "never inserted twice: {:?}", passes(&agent));
     }
+    // Passes come from changes, not from the passes' own reads of the dir: at most the first
+    // pass's echo, then per rewrite one pass that re-chains, its echo, and one for the
+    // rewrite's temporary file. (Counting reads made every pass start the next, 20 a second,
+    // for as long as the agent ran.)
+    let n = passes(&agent).len();
+    assert!(
+        n <= 10,
+        "{n} passes for three rewrites: {:#?}",
+        passes(&agent)
+    );
     assert!(d.bin().join("sluice-cni").exists());
     // Default SIGTERM keeps the install (rolling upgrades).
     agent.stop();

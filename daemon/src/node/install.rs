@@ -214,6 +214,11 @@ impl Installer {
     /// Makes sure the runtime's chosen config chains us exactly once. Returns the file written,
     /// `None` when it already did.
     pub fn chain(&self) -> Result<Option<PathBuf>, InstallError> {
+        // The start-up pass and the watch's passes may run at once: one read-modify-write of
+        // the conf dir at a time.
+        let _one = CONF_DIR_WRITER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let primary = self.primary()?;
         let bytes = std::fs::read(&primary).map_err(io(&primary))?;
         let mut list = as_conflist(&primary, &bytes)?;
@@ -319,7 +324,9 @@ impl Installer {
     }
 
     /// Re-chains whenever the conf dir changes (the primary CNI rewriting its file on restart),
-    /// until the returned watcher is dropped. `on_change` sees the result of every pass.
+    /// until the returned watcher is dropped. `on_change` sees the result of every pass. Only
+    /// changes count (a file created, written, renamed or removed): a pass reads the dir, and
+    /// counting reads (inotify's access events) would make every pass start the next one.
     pub fn watch(
         self,
         on_change: impl Fn(Result<Option<PathBuf>, InstallError>) + Send + 'static,
@@ -328,7 +335,7 @@ impl Installer {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                if event.is_ok_and(|e| changes(&e.kind)) {
                     let _ = tx.send(());
                 }
             })
@@ -354,5 +361,20 @@ impl Installer {
             })
             .map_err(io(Path::new("watch thread")))?;
         Ok(watcher)
+    }
+}
+
+/// Serialises the writers of the conf dir within the agent (see [`Installer::chain`]).
+static CONF_DIR_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether a conf dir event is a change a pass must look at (not a mere read).
+fn changes(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        // A file opened for writing and closed: written.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
 }
