@@ -48,6 +48,13 @@ fn bullseye_nft() -> (PathBuf, PathBuf) {
     (nft, root.join("usr/lib/x86_64-linux-gnu"))
 }
 
+/// A kind of table: its name, the pod's addresses, its annotations.
+type Kind = (
+    &'static str,
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+);
+
 #[test]
 fn every_kind_of_table_lists_with_debian_11s_and_debian_12s_nft() {
     require_root();
@@ -60,7 +67,7 @@ fn every_kind_of_table_lists_with_debian_11s_and_debian_12s_nft() {
     let version = String::from_utf8_lossy(&version.stdout).into_owned();
     assert!(version.contains("v0.9.8"), "{version}");
     let agent = Agent::start("nfttools");
-    let kinds: [(&str, &[&str], &[(&str, &str)]); 5] = [
+    let kinds: [Kind; 5] = [
         (
             "redirect",
             &[POD_CIDR4],
