@@ -415,16 +415,7 @@ async fn remove_ours(handle: &Handle, owned: Option<Ipv6Addr>) -> Result<bool, D
             }
         }
     }
-    let addresses: Vec<_> = step(
-        "listing lo addresses",
-        handle
-            .address()
-            .get()
-            .set_link_index_filter(LOOPBACK_INDEX)
-            .execute()
-            .collect::<Result<Vec<_>, _>>(),
-    )
-    .await?;
+    let addresses = lo_addresses(handle).await?;
     for address in addresses {
         let ours = address
             .attributes
@@ -451,16 +442,7 @@ pub fn teardown(owned: Option<Ipv6Addr>) -> Result<bool, DeviceError> {
 /// Removes `addr` from `lo` if it is there: an address sluice added that its plan no longer has.
 pub fn release(addr: Ipv6Addr) -> Result<(), DeviceError> {
     with_handle(async |handle| {
-        let addresses: Vec<_> = step(
-            "listing lo addresses",
-            handle
-                .address()
-                .get()
-                .set_link_index_filter(LOOPBACK_INDEX)
-                .execute()
-                .collect::<Result<Vec<_>, _>>(),
-        )
-        .await?;
+        let addresses = lo_addresses(&handle).await?;
         for a in addresses {
             if address_ip(&a) == Some(IpAddr::V6(addr)) {
                 step(
@@ -472,6 +454,22 @@ pub fn release(addr: Ipv6Addr) -> Result<(), DeviceError> {
         }
         Ok(())
     })
+}
+
+/// `lo`'s addresses.
+pub(super) async fn lo_addresses(
+    handle: &Handle,
+) -> Result<Vec<netlink_packet_route::address::AddressMessage>, DeviceError> {
+    step(
+        "listing lo addresses",
+        handle
+            .address()
+            .get()
+            .set_link_index_filter(LOOPBACK_INDEX)
+            .execute()
+            .collect::<Result<Vec<_>, _>>(),
+    )
+    .await
 }
 
 /// The address of an address message.
@@ -490,16 +488,7 @@ pub fn lo_has(addr: Ipv6Addr) -> Result<Option<bool>, DeviceError> {
         if !ipv6_enabled(&read_lo(&handle).await?) {
             return Ok(None);
         }
-        let addresses: Vec<_> = step(
-            "listing lo addresses",
-            handle
-                .address()
-                .get()
-                .set_link_index_filter(LOOPBACK_INDEX)
-                .execute()
-                .collect::<Result<Vec<_>, _>>(),
-        )
-        .await?;
+        let addresses = lo_addresses(&handle).await?;
         Ok(Some(
             addresses
                 .iter()

@@ -11,8 +11,8 @@ use tokio_stream::StreamExt;
 
 use super::sysctl::sysctl_path;
 use super::{
-    DeviceError, DeviceSetup, LOOPBACK_INDEX, PROTO, TPROXY_RULE_PRIORITY, address_ip,
-    ipv6_enabled, read_lo, step, with_handle,
+    DeviceError, DeviceSetup, PROTO, TPROXY_RULE_PRIORITY, address_ip, ipv6_enabled, lo_addresses,
+    read_lo, step, with_handle,
 };
 
 /// Compares the device state of the calling thread's namespace with `s`: `lo` up, the `::6`
@@ -68,16 +68,7 @@ async fn survey(handle: &Handle, s: &DeviceSetup) -> Result<Survey, DeviceError>
     if !up {
         drift.push("lo is down".to_owned());
     }
-    let addresses: Vec<_> = step(
-        "listing lo addresses",
-        handle
-            .address()
-            .get()
-            .set_link_index_filter(LOOPBACK_INDEX)
-            .execute()
-            .collect::<Result<Vec<_>, _>>(),
-    )
-    .await?;
+    let addresses = lo_addresses(handle).await?;
     // The plan's address counts wherever it came from (the pod's runtime or a mesh's init
     // container may have added it first); sluice's own are the ones it tagged (Linux 6.1+
     // keeps the tag) or its owner records.
