@@ -205,3 +205,39 @@ fn a_pod_that_did_not_opt_in_always_passes_through() {
         .expect("property");
     report("plugin, pods that did not opt in", cases.into_inner());
 }
+
+/// Found by the property above (a generated `timeoutMs` near `u64::MAX`): tonic panics on a
+/// `grpc-timeout` it cannot encode, so the plugin died instead of answering. Every verb that
+/// calls the agent reads the timeout within bounds now.
+#[test]
+fn a_huge_timeout_gets_an_answer_never_a_panic() {
+    for timeout in [u64::MAX, u64::MAX / 1000, 1 << 60] {
+        let stdin = serde_json::to_vec(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "example-net",
+            "type": "sluice-cni",
+            "agentSocket": SOCKET,
+            "timeoutMs": timeout,
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"sluice.dev/redirect": "enabled"}},
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]},
+        }))
+        .expect("config JSON");
+        for verb in ["ADD", "CHECK", "DEL"] {
+            let env = Env {
+                command: verb.to_owned(),
+                container_id: "c1".into(),
+                netns: "/var/run/netns/none".into(),
+                ifname: "eth0".into(),
+                ..Default::default()
+            };
+            let outcome = std::panic::catch_unwind(|| run(&env, &stdin));
+            let Ok(out) = outcome else {
+                panic!("{verb} with timeoutMs {timeout} panicked");
+            };
+            match verb {
+                "DEL" => assert!(out.is_ok(), "DEL always succeeds: {out:?}"),
+                _ => assert_eq!(out.expect_err("no agent").code, 11, "{verb}"),
+            }
+        }
+    }
+}

@@ -52,6 +52,21 @@ pub mod deadlines {
     /// runtime retrying code 11 starts the pod soon after the agent is back.
     pub const PLUGIN_TIMEOUT: Duration = Duration::from_millis(5000);
 
+    /// The longest a plugin call waits, whatever `timeoutMs` says: the agent never works on a
+    /// call longer than [`MAX_AGENT_DEADLINE`], so waiting past a minute only holds the
+    /// runtime's CNI lock. (A huge value once reached tonic, which panics on a `grpc-timeout`
+    /// it cannot encode, and the plugin died instead of answering.)
+    pub const MAX_PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// The plugin's timeout for a conflist's `timeoutMs`: absent or 0 is the default,
+    /// anything above [`MAX_PLUGIN_TIMEOUT`] is that.
+    pub fn plugin_timeout(timeout_ms: Option<u64>) -> Duration {
+        match timeout_ms {
+            None | Some(0) => PLUGIN_TIMEOUT,
+            Some(ms) => Duration::from_millis(ms).min(MAX_PLUGIN_TIMEOUT),
+        }
+    }
+
     /// The longest the agent works on a call whose caller sets no deadline (`sluicectl`).
     pub const MAX_AGENT_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -103,6 +118,15 @@ pub mod deadlines {
                 agent_deadline(Duration::from_secs(3600)),
                 MAX_AGENT_DEADLINE
             );
+            assert!(agent_deadline(MAX_PLUGIN_TIMEOUT) <= MAX_AGENT_DEADLINE);
+        }
+
+        #[test]
+        fn a_conflist_timeout_is_read_within_bounds() {
+            assert_eq!(plugin_timeout(None), PLUGIN_TIMEOUT);
+            assert_eq!(plugin_timeout(Some(0)), PLUGIN_TIMEOUT);
+            assert_eq!(plugin_timeout(Some(250)), Duration::from_millis(250));
+            assert_eq!(plugin_timeout(Some(u64::MAX)), MAX_PLUGIN_TIMEOUT);
         }
     }
 }

@@ -133,10 +133,7 @@ impl NetConf {
     }
 
     pub fn timeout(&self) -> std::time::Duration {
-        self.timeout_ms.map_or(
-            sluice_proto::deadlines::PLUGIN_TIMEOUT,
-            std::time::Duration::from_millis,
-        )
+        sluice_proto::deadlines::plugin_timeout(self.timeout_ms)
     }
 
     /// The pod's addresses from `prevResult.ips[].address`.
@@ -228,13 +225,9 @@ impl LenientDel {
             .filter(|s| !s.is_empty())
             .unwrap_or(DEFAULT_AGENT_SOCKET)
             .to_owned();
-        let timeout = conf
-            .get("timeoutMs")
-            .and_then(serde_json::Value::as_u64)
-            .map_or(
-                sluice_proto::deadlines::PLUGIN_TIMEOUT,
-                std::time::Duration::from_millis,
-            );
+        let timeout = sluice_proto::deadlines::plugin_timeout(
+            conf.get("timeoutMs").and_then(serde_json::Value::as_u64),
+        );
         // An annotation map sluice cannot read counts as opted in: asking the agent to remove
         // a capture that is not there costs nothing, leaving one behind could.
         let opted_in = pass_through("DEL", stdin).is_none();
