@@ -29,6 +29,97 @@ use crate::{bin, sh, wait_for};
 
 /// Where Debian's containernetworking-plugins put the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// The containerd these tests drive: the machine's (Debian 12's 1.6.20) unless the runtime
+/// matrix (`tests/runtimes/matrix.sh`) points at another one unpacked from its Debian package:
+/// `SLUICE_CONTAINERD_ROOT` is the unpacked tree (`<root>/usr/bin/containerd`, its shims and
+/// `ctr` beside it), `SLUICE_CNI_PLUGINS` the reference plugins' directory to use with it.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Directory holding `containerd`, `ctr` and the shims; `None` for the machine's `PATH`.
+    pub bin_dir: Option<PathBuf>,
+    /// The reference plugins (bridge, host-local, loopback).
+    pub plugins: PathBuf,
+    /// `containerd --version`'s version, e.g. `1.6.20` or `2.1.9` (packaging suffix cut).
+    pub version: String,
+    /// Its major version: 2 and later read configuration version 3.
+    pub major: u32,
+    /// The whole `containerd --version` line (packaging revision included).
+    pub describe: String,
+}
+
+impl Runtime {
+    /// The runtime chosen by the environment (see the type's docs), probed once.
+    pub fn current() -> &'static Runtime {
+        static RUNTIME: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            let bin_dir = std::env::var_os("SLUICE_CONTAINERD_ROOT")
+                .filter(|v| !v.is_empty())
+                .map(|root| PathBuf::from(root).join("usr/bin"));
+            let plugins = std::env::var_os("SLUICE_CNI_PLUGINS")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| PathBuf::from(REFERENCE_PLUGINS), PathBuf::from);
+            let mut runtime = Runtime {
+                bin_dir,
+                plugins,
+                version: String::new(),
+                major: 0,
+                describe: String::new(),
+            };
+            let out = runtime
+                .command("containerd")
+                .arg("--version")
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("containerd --version (Debian package containerd, or SLUICE_CONTAINERD_ROOT): {e}")
+                });
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            runtime.describe = text.clone();
+            runtime.version = version_of(&text)
+                .unwrap_or_else(|| panic!("no version in `containerd --version`: {text:?}"));
+            runtime.major = runtime
+                .version
+                .split('.')
+                .next()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or_else(|| panic!("containerd version {:?}", runtime.version));
+            runtime
+        })
+    }
+
+    /// A command for one of this runtime's programs, with its directory first on `PATH` (so
+    /// containerd finds its own shim).
+    pub fn command(&self, program: &str) -> Command {
+        let Some(dir) = &self.bin_dir else {
+            return Command::new(program);
+        };
+        let mut cmd = Command::new(dir.join(program));
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", dir.display()));
+        cmd
+    }
+
+    /// The `cniVersion`s its libcni accepts results of, among those sluice speaks:
+    /// containerd 1.6 and 1.7 reject a 1.1.0 result (`unsupported CNI result version`).
+    pub fn cni_versions(&self) -> &'static [&'static str] {
+        if self.major >= 2 {
+            &["1.1.0", "1.0.0", "0.4.0"]
+        } else {
+            &["1.0.0", "0.4.0"]
+        }
+    }
+}
+
+/// `1.6.20` from "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1",
+/// `2.1.9` from "containerd github.com/containerd/containerd/v2 2.1.9+unknown ".
+pub fn version_of(text: &str) -> Option<String> {
+    let word = text.split_whitespace().nth(2)?;
+    let version = word.split(['~', '+', '-']).next()?.trim_start_matches('v');
+    version
+        .split('.')
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| version.to_owned())
+}
 /// The image every sandbox and test container uses (busybox-static, built locally).
 pub const IMAGE: &str = "localhost/sluice-test:1.0";
 
@@ -121,7 +212,12 @@ pub fn conflist(chain: &Chain, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({"cniVersion": chain.cni_version, "name": "sluice-test", "plugins": plugins})
 }
 
-fn config_toml(dir: &Path) -> String {
+/// containerd's configuration: its own root, state, socket, `opt` directory and CNI dirs,
+/// NRI off, in the format its major version reads (2 up to 1.7, 3 from 2.0 on).
+fn config_toml(dir: &Path, runtime: &Runtime) -> String {
+    if runtime.major >= 2 {
+        return config_toml_v3(dir);
+    }
     let d = dir.display();
     format!(
         r#"version = 2
@@ -131,6 +227,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 [grpc]
   address = "{d}/containerd.sock"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{IMAGE}"
@@ -148,6 +250,48 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+"#
+    )
+}
+
+/// containerd 2.x: the CRI plugin split into `cri.v1.images` and `cri.v1.runtime`, the
+/// sandbox image is a pinned image, CNI takes a list of bin dirs.
+fn config_toml_v3(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.erofs", "io.containerd.differ.v1.erofs", "io.containerd.nri.v1.nri"]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{IMAGE}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  enable_cdi = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{d}/cni/bin"]
+    conf_dir = "{d}/cni/conf"
+    max_conf_num = 1
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 "#
     )
 }
@@ -202,9 +346,10 @@ impl Containerd {
         for sub in ["root", "state", "cni/bin", "cni/conf", "ipam", "logs"] {
             std::fs::create_dir_all(dir.join(sub)).expect("containerd dirs");
         }
+        let runtime = Runtime::current();
         for plugin in ["bridge", "host-local", "loopback"] {
             std::os::unix::fs::symlink(
-                Path::new(REFERENCE_PLUGINS).join(plugin),
+                runtime.plugins.join(plugin),
                 dir.join("cni/bin").join(plugin),
             )
             .expect("link reference plugin");
@@ -217,11 +362,11 @@ impl Containerd {
             &dir.join("cni/conf/10-sluice-test.conflist"),
             &conflist(chain, &dir.join("ipam")).to_string(),
         );
-        write(&dir.join("config.toml"), &config_toml(&dir));
+        write(&dir.join("config.toml"), &config_toml(&dir, runtime));
         let socket = dir.join("containerd.sock");
         let log = dir.join("containerd.log");
         let logfile = std::fs::File::create(&log).expect("containerd log");
-        let mut containerd = Command::new("containerd");
+        let mut containerd = runtime.command("containerd");
         if chain.plugin_timing {
             containerd.env("SLUICE_CNI_TIMING", "1");
         }
@@ -231,7 +376,7 @@ impl Containerd {
             .stdout(Stdio::null())
             .stderr(logfile)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning containerd (Debian package containerd): {e}"));
+            .unwrap_or_else(|e| panic!("spawning containerd {runtime:?}: {e}"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -289,7 +434,8 @@ impl Containerd {
 
     fn import_image(&mut self) {
         let tar = build_image(&self.dir);
-        let out = Command::new("ctr")
+        let out = Runtime::current()
+            .command("ctr")
             .arg("--address")
             .arg(&self.socket)
             .args(["-n", "k8s.io", "images", "import", "--base-name"])
@@ -303,18 +449,26 @@ impl Containerd {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        // containerd 2.x's CRI image store learns of an import from an event, a moment later.
         let channel = self.runtime_channel();
-        let images = self.rt.block_on(async {
-            ImageServiceClient::new(channel)
-                .list_images(ListImagesRequest::default())
-                .await
-        });
-        let found = images.is_ok_and(|r| {
-            r.into_inner()
-                .images
-                .iter()
-                .any(|i| i.repo_tags.iter().any(|t| t == IMAGE))
-        });
+        let start = Instant::now();
+        let found = loop {
+            let images = self.rt.block_on(async {
+                ImageServiceClient::new(channel.clone())
+                    .list_images(ListImagesRequest::default())
+                    .await
+            });
+            let found = images.is_ok_and(|r| {
+                r.into_inner()
+                    .images
+                    .iter()
+                    .any(|i| i.repo_tags.iter().any(|t| t == IMAGE))
+            });
+            if found || start.elapsed() > Duration::from_secs(10) {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         if !found {
             self.fail(&format!("{IMAGE} is not listed by the CRI image service"));
         }
@@ -418,6 +572,22 @@ impl Containerd {
             .unwrap_or_else(|| self.fail(&format!("no network namespace path for {id}")))
     }
 
+    /// The JSON of a sandbox's verbose `PodSandboxStatus` `info` (what discovery reads).
+    pub fn sandbox_info(&self, id: &str) -> serde_json::Value {
+        let mut client = self.runtime.clone();
+        let status = self
+            .rt
+            .block_on(
+                client.pod_sandbox_status(sluice_proto::cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.to_owned(),
+                    verbose: true,
+                }),
+            )
+            .unwrap_or_else(|s| self.fail(&format!("PodSandboxStatus {id}: {}", s.message())))
+            .into_inner();
+        self.verbose_info(&status.info, "PodSandboxStatus")
+    }
+
     /// Creates and starts a busybox container (`sleep`) in the sandbox, as `uid`.
     pub fn start_container(&self, sandbox: &str, pod: &str, name: &str, uid: i64) -> String {
         let config = ContainerConfig {
@@ -479,7 +649,8 @@ impl Containerd {
     /// Imports an OCI image tarball (e.g. `make image`'s) under `base_name` into the CRI's
     /// namespace, as `ctr images import` does on a node.
     pub fn import(&self, tar: &Path, base_name: &str) {
-        let out = Command::new("ctr")
+        let out = Runtime::current()
+            .command("ctr")
             .arg("--address")
             .arg(&self.socket)
             .args(["-n", "k8s.io", "images", "import", "--base-name", base_name])

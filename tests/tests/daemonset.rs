@@ -451,9 +451,11 @@ fn the_daemonset_as_shipped_runs_through_cri_captures_pods_and_uninstalls() {
 
     // App pods, created through CRI: the runtime runs the installed plugin, which reaches the
     // containerised agent through the socket on the host.
+    // Not ip_unprivileged_port_start or ping_group_range: containerd 2.x writes those into
+    // every sandbox's spec, and runc applies them after CNI ADD (docs/annotations.md).
     let sysctls = (
         "sluice.dev/sysctls",
-        "net.ipv4.ip_unprivileged_port_start=80,net.ipv4.tcp_keepalive_time=600",
+        "net.ipv4.tcp_fin_timeout=30,net.ipv4.tcp_keepalive_time=600",
     );
     let web = containerd
         .run_pod("web", &[ENABLED, sysctls])
@@ -461,10 +463,7 @@ fn the_daemonset_as_shipped_runs_through_cri_captures_pods_and_uninstalls() {
     let web_ns = Netns::existing(&containerd.netns_of(&web));
     let table = web_ns.sluice_table().expect("web has our table");
     assert!(table.contains("redirect to :15001"), "{table}");
-    assert_eq!(
-        sysctl_in(&web_ns, "net.ipv4.ip_unprivileged_port_start"),
-        "80"
-    );
+    assert_eq!(sysctl_in(&web_ns, "net.ipv4.tcp_fin_timeout"), "30");
     assert_eq!(sysctl_in(&web_ns, "net.ipv4.tcp_keepalive_time"), "600");
     let _proxy = Listener::start(&web_ns, "0.0.0.0:15001", "proxy");
     assert_eq!(

@@ -6,7 +6,7 @@
 //! annotations ask for capture are looked at further: `PodSandboxStatus` with `verbose` gives
 //! their addresses and, in its `info` JSON, the netns path: containerd 1.6/1.7
 //! `runtimeSpec.linux.namespaces[type=network].path`, containerd 2.x also
-//! `sandboxMetadata.NetNSPath`, CRI-O `runtimeSpec` too. Host-network sandboxes are left out
+//! `sandboxMetadata.Metadata.NetNSPath`, CRI-O `runtimeSpec` too. Host-network sandboxes are left out
 //! (CNI never ran for them). Every call is bounded in time and in size ([`MAX_MESSAGE`]); one
 //! sandbox whose status cannot be read is reported and skipped, never the end of the pass.
 
@@ -221,7 +221,7 @@ pub fn netns_from_info(info: &std::collections::HashMap<String, String>) -> Opti
         .find(|n| n["type"] == "network")
         .and_then(|n| n["path"].as_str());
     from_spec
-        .or_else(|| json["sandboxMetadata"]["NetNSPath"].as_str())
+        .or_else(|| json["sandboxMetadata"]["Metadata"]["NetNSPath"].as_str())
         .filter(|p| !p.is_empty())
         .map(str::to_owned)
 }
@@ -234,23 +234,76 @@ mod tests {
         [("info".to_owned(), json.to_owned())].into()
     }
 
+    /// Verbose `PodSandboxStatus` infos recorded from each real containerd by `make corpus`
+    /// (a running captured pod), and CRI-O's shape (see `tests/corpus/cri-o-1.29/SOURCE`).
+    const RECORDED: [(&str, &str); 4] = [
+        (
+            "containerd 1.6.20",
+            include_str!("../../../tests/corpus/containerd-1.6.20/sandbox-status.json"),
+        ),
+        (
+            "containerd 1.7.24",
+            include_str!("../../../tests/corpus/containerd-1.7.24/sandbox-status.json"),
+        ),
+        (
+            "containerd 2.1.9",
+            include_str!("../../../tests/corpus/containerd-2.1.9/sandbox-status.json"),
+        ),
+        (
+            "CRI-O 1.29",
+            include_str!("../../../tests/corpus/cri-o-1.29/sandbox-status.json"),
+        ),
+    ];
+
+    fn spec_path(json: &serde_json::Value) -> &str {
+        json["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["type"] == "network"))
+            .and_then(|n| n["path"].as_str())
+            .expect("the fixture's spec names a network namespace")
+    }
+
     #[test]
-    fn the_netns_path_is_found_in_every_runtimes_info_shape() {
-        // containerd 1.6/1.7 and CRI-O: the OCI runtime spec.
-        let spec = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]}}}"#;
+    fn the_netns_path_is_found_in_every_runtimes_recorded_info() {
+        for (runtime, text) in RECORDED {
+            let json: serde_json::Value = serde_json::from_str(text).expect(runtime);
+            let want = spec_path(&json);
+            assert!(want.starts_with("/var/run/netns/"), "{runtime}: {want}");
+            assert_eq!(
+                netns_from_info(&info(text)).as_deref(),
+                Some(want),
+                "{runtime}"
+            );
+        }
+    }
+
+    /// containerd 2.x also keeps the path in its sandbox store's metadata
+    /// (`sandboxMetadata.Metadata.NetNSPath`); a sandbox whose spec is not (or no longer) in
+    /// the answer is still found through it.
+    #[test]
+    fn containerd_2_sandbox_metadata_gives_the_path_without_the_spec() {
+        let (_, text) = RECORDED[2];
+        let mut json: serde_json::Value = serde_json::from_str(text).expect("2.1.9");
+        let want = spec_path(&json).to_owned();
+        json.as_object_mut().expect("object").remove("runtimeSpec");
         assert_eq!(
-            netns_from_info(&info(spec)).as_deref(),
-            Some("/var/run/netns/cni-1")
+            json["sandboxMetadata"]["Metadata"]["NetNSPath"].as_str(),
+            Some(want.as_str())
         );
-        // containerd 2.x (sandboxer): sandbox metadata.
-        let meta = r#"{"sandboxMetadata":{"NetNSPath":"/var/run/netns/cni-2"}}"#;
         assert_eq!(
-            netns_from_info(&info(meta)).as_deref(),
-            Some("/var/run/netns/cni-2")
+            netns_from_info(&info(&json.to_string())),
+            Some(want),
+            "from sandboxMetadata.Metadata.NetNSPath"
         );
+    }
+
+    #[test]
+    fn host_network_and_unreadable_info_give_no_path() {
         // A network namespace entry without a path (host network) or no info at all: none.
         let host = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"network"}]}}}"#;
         assert_eq!(netns_from_info(&info(host)), None);
+        let empty = r#"{"sandboxMetadata":{"Metadata":{"NetNSPath":""}}}"#;
+        assert_eq!(netns_from_info(&info(empty)), None);
         assert_eq!(netns_from_info(&info("not json")), None);
         assert_eq!(netns_from_info(&Default::default()), None);
     }

@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use sluice_tests::cri::{Chain, Containerd};
+use sluice_tests::cri::{Chain, Containerd, Runtime};
 use sluice_tests::{Agent, bin};
 
 /// Pod shapes: a name and the annotations kubelet would pass for it.
@@ -116,9 +116,6 @@ fn shapes() -> Vec<(&'static str, Vec<(String, String)>)> {
     ]
 }
 
-/// The conflist `cniVersion`s containerd 1.6's libcni speaks that sluice supports.
-const CNI_VERSIONS: [&str; 2] = ["1.0.0", "0.4.0"];
-
 fn main() -> ExitCode {
     let argv0 = std::env::args_os()
         .next()
@@ -191,21 +188,12 @@ fn record_one_call(argv0: &Path) -> ExitCode {
 }
 
 fn record(out: &Path) -> ExitCode {
-    let version = Command::new("containerd")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .expect("containerd --version (Debian package containerd)");
-    // "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1"
-    let short = version
-        .split_whitespace()
-        .nth(2)
-        .map(|v| v.split('~').next().unwrap_or(v).to_owned())
-        .expect("a containerd version");
+    let runtime = Runtime::current();
+    let short = &runtime.version;
     let dest = out.join(format!("containerd-{short}"));
     let _ = std::fs::remove_dir_all(&dest);
     let agent = Agent::start("corpus");
-    for (i, cni_version) in CNI_VERSIONS.iter().enumerate() {
+    for (i, cni_version) in runtime.cni_versions().iter().enumerate() {
         let chain = Chain {
             cni_version,
             ..Chain::new(Some(agent.socket_str()), 30 + i as u8)
@@ -226,6 +214,13 @@ fn record(out: &Path) -> ExitCode {
                 .run_pod(shape, &ann)
                 .unwrap_or_else(|e| panic!("RunPodSandbox {shape}: {e}"));
             collect(&raw, &dir, 1, "ADD");
+            if i == 0 && shape == "istio" {
+                // What discovery reads: the runtime's verbose PodSandboxStatus of a running pod.
+                let info = containerd.sandbox_info(&id);
+                let text = serde_json::to_string_pretty(&info).expect("status JSON");
+                std::fs::write(dest.join("sandbox-status.json"), text + "\n")
+                    .expect("write sandbox-status.json");
+            }
             containerd.stop_pod(&id).expect("StopPodSandbox");
             collect(&raw, &dir, 2, "DEL");
             containerd.remove_pod(&id).expect("RemovePodSandbox");
@@ -234,8 +229,14 @@ fn record(out: &Path) -> ExitCode {
         }
     }
     let source = format!(
-        "Recorded by `make corpus` (tests/src/bin/sluice-corpus.rs) on {}.\n{version}\nKernel {}.\nConflist: bridge + host-local + sluice-cni with the io.kubernetes.cri.pod-annotations capability; cniVersion per directory.\n",
+        "Recorded by `make corpus` (tests/src/bin/sluice-corpus.rs) on {}.\n{} ({})\nReference plugins: {}\nKernel {}.\nConflist: bridge + host-local + sluice-cni with the io.kubernetes.cri.pod-annotations capability; cniVersion per directory.\n",
         chrono_free_date(),
+        runtime.describe,
+        runtime
+            .bin_dir
+            .as_ref()
+            .map_or("the machine's package".into(), |d| relative(d)),
+        relative(&runtime.plugins),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -285,4 +286,14 @@ fn chrono_free_date() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+/// A path below the working directory (the repository, under `make corpus`) as a relative one.
+fn relative(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
 }
