@@ -10,7 +10,7 @@ IMAGE_TAR := target/image/sluice-agent-$(VERSION).tar
 # The kernel matrix boots Debian's kernel packages under QEMU (virtme-ng comes from PyPI).
 KERNEL_DEBS := qemu-system-x86 kmod python3-venv
 
-.PHONY: deps build plugin-static demo test test-kernels corpus lint bench bench-quick image clean
+.PHONY: deps build plugin-static demo test test-kernels test-runtimes corpus lint bench bench-quick image clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -51,9 +51,15 @@ test-kernels: deps
 	fi
 	bash tests/kernels/matrix.sh
 
-## Re-record what the real containerd sends sluice-cni (tests/corpus; replayed by `make test`).
+## The CRI-facing suites against containerd 1.6 (this machine's), 1.7 (trixie) and 2.x (sid),
+## each unpacked under target/runtimes from its Debian package. One summary line per runtime.
+test-runtimes: build plugin-static
+	bash tests/runtimes/matrix.sh
+
+## Re-record what each real containerd of the runtime matrix sends sluice-cni (tests/corpus;
+## replayed by `make test`).
 corpus: build
-	$(CARGO) run -q -p sluice-tests --bin sluice-corpus -- record tests/corpus
+	bash tests/runtimes/corpus.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check
