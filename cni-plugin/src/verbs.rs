@@ -147,7 +147,17 @@ fn detach(env: &Env, socket: &str, timeout: std::time::Duration) {
     }
 }
 
-/// CHECK: fails when our table is missing or differs from the plan.
+/// CHECK: fails when the agent finds our table missing or different from the plan.
+///
+/// While the agent cannot answer (not running, restarting, overloaded: code 11 from the call)
+/// CHECK succeeds, saying so on stderr. The capture lives in the pod's kernel state, not in
+/// the agent, so the agent's absence says nothing about the pod; and runtimes act on a failed
+/// CHECK: CRI-O checks every pod when it restarts and does not restore the IP of one whose
+/// CHECK failed (`Could not restore sandbox IP`), and it checks after every ADD. A DaemonSet
+/// rollout of the agent must not touch running pods. What CHECK would have verified is
+/// verified anyway when the agent is back: its reconciler compares every opted-in pod with its
+/// plan and repairs the drift (`sluice_repairs_total`, the `SluiceCapturesRepaired`
+/// alert) or reports it.
 fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
     if !wants_capture(conf) {
         return Ok(Output::Nothing);
@@ -160,12 +170,22 @@ fn check(env: &Env, conf: &NetConf) -> Result<Output, CniError> {
         pod_ips: conf.pod_ips(),
         pod: pod(env),
     };
-    let reply = agent::call(
+    let reply = match agent::call(
         conf.socket(),
         conf.timeout(),
         request,
         |mut c, r| async move { c.check(r).await },
-    )?;
+    ) {
+        Ok(reply) => reply,
+        Err(e) if e.code == TRY_AGAIN_LATER => {
+            eprintln!(
+                "sluice-cni: CHECK of {} not verified, the agent cannot answer (its reconciler checks the pod when it is back): {}",
+                env.container_id, e.msg
+            );
+            return Ok(Output::Nothing);
+        }
+        Err(e) => return Err(e),
+    };
     if reply.ok {
         Ok(Output::Nothing)
     } else {

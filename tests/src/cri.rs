@@ -169,6 +169,7 @@ pub struct Containerd {
     pub log: PathBuf,
     pub bridge: String,
     pub subnet: String,
+    plugin_timing: bool,
     rt: tokio::runtime::Runtime,
     runtime: RuntimeServiceClient<Channel>,
 }
@@ -296,6 +297,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     )
 }
 
+/// Starts containerd with the configuration in `dir`, its stderr appended to `log`.
+fn spawn(runtime: &Runtime, dir: &Path, log: &Path, plugin_timing: bool) -> Child {
+    let logfile = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("containerd log");
+    let mut containerd = runtime.command("containerd");
+    if plugin_timing {
+        containerd.env("SLUICE_CNI_TIMING", "1");
+    }
+    containerd
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(logfile)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning containerd {runtime:?}: {e}"))
+}
+
 /// Builds the busybox image as an OCI layout tarball with umoci (once per directory). Besides
 /// busybox it has the merged-/usr links (`/lib`, `/lib64`, `/sbin` → `/usr/...`), so a
 /// container with the host's `/usr` mounted read-only can run the host's iptables, as an
@@ -365,18 +386,8 @@ impl Containerd {
         write(&dir.join("config.toml"), &config_toml(&dir, runtime));
         let socket = dir.join("containerd.sock");
         let log = dir.join("containerd.log");
-        let logfile = std::fs::File::create(&log).expect("containerd log");
-        let mut containerd = runtime.command("containerd");
-        if chain.plugin_timing {
-            containerd.env("SLUICE_CNI_TIMING", "1");
-        }
-        let child = containerd
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning containerd {runtime:?}: {e}"));
+        std::fs::File::create(&log).expect("containerd log");
+        let child = spawn(runtime, &dir, &log, chain.plugin_timing);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -388,6 +399,7 @@ impl Containerd {
             log,
             bridge: format!("slbr{}", chain.index),
             subnet: format!("10.{}.0.0/24", 200 + u16::from(chain.index)),
+            plugin_timing: chain.plugin_timing,
             runtime: rt.block_on(async {
                 RuntimeServiceClient::new(Endpoint::lazy("unix:///nonexistent"))
             }),
@@ -396,6 +408,34 @@ impl Containerd {
         me.wait_ready();
         me.import_image();
         me
+    }
+
+    /// Restarts containerd as a node's service manager would (SIGTERM, then the same
+    /// configuration): its shims and so the pods keep running, and it loads them back from
+    /// its store. Its log goes on in the same file.
+    pub fn restart(&mut self) {
+        self.terminate();
+        self.child = Some(spawn(
+            Runtime::current(),
+            &self.dir,
+            &self.log,
+            self.plugin_timing,
+        ));
+        self.wait_ready();
+    }
+
+    /// SIGTERM to containerd; SIGKILL after 10 s.
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     fn fail(&self, what: &str) -> ! {
@@ -895,16 +935,7 @@ fn mounts_below(dir: &Path) -> Vec<String> {
 impl Drop for Containerd {
     fn drop(&mut self) {
         self.remove_all();
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.terminate();
         // Shims outlive containerd by design; ours name our socket.
         for pid in pids_mentioning(&self.socket.display().to_string()) {
             let _ = nix::sys::signal::kill(

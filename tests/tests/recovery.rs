@@ -260,3 +260,47 @@ fn restart_loses_nothing_and_damage_is_repaired_or_reported() {
     );
     eprintln!("recovery: damage to repair took {took:?} with a 1 s interval");
 }
+
+/// A runtime restart while the agent is away (a node upgrade during a DaemonSet rollout): the
+/// runtime loads its pods back without asking the network plugins (containerd sends no CHECK;
+/// CRI-O's CHECK succeeds while the agent cannot answer, see tests/tests/crio.rs), the pods
+/// keep their capture, and the agent, back, finds nothing to repair.
+#[test]
+fn a_runtime_restart_while_the_agent_is_away_leaves_every_pod_as_it_was() {
+    require_root();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let agent = Agent::start_with("recovery-runtime-restart", &["--cri-socket", "off"]);
+    let mut containerd = Containerd::start(
+        "recovery-runtime-restart",
+        &Chain::new(Some(agent.socket_str()), 13),
+    );
+    let web = containerd.run_pod("web", &[ENABLED]).expect("web");
+    let plain = containerd.run_pod("plain", &[]).expect("plain");
+    let web_ns = Netns::existing(&containerd.netns_of(&web));
+    let table = web_ns.sluice_table().expect("web is captured");
+    drop(agent);
+
+    containerd.restart();
+    let sandboxes = containerd.sandboxes();
+    assert_eq!(sandboxes.get("web"), Some(&web), "{sandboxes:?}");
+    assert_eq!(sandboxes.get("plain"), Some(&plain), "{sandboxes:?}");
+    assert_eq!(
+        Netns::existing(&containerd.netns_of(&web))
+            .sluice_table()
+            .as_deref(),
+        Some(table.as_str()),
+        "the capture survives the runtime's restart"
+    );
+    assert_eq!(
+        Netns::existing(&containerd.netns_of(&plain)).sluice_table(),
+        None
+    );
+
+    let agent = discovering("recovery-runtime-restart-2", &containerd, &[]);
+    after_a_pass(&agent);
+    assert_no_repairs(&scrape(&agent.metrics_url()), "nothing to repair");
+    assert_eq!(state_of(&agent, &web).len(), 1, "{:?}", list(&agent));
+    assert!(agent.ctl(&["check", &web]).status.success());
+    containerd.stop_and_remove(&web).expect("web goes");
+    containerd.stop_and_remove(&plain).expect("plain goes");
+}
