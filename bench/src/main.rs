@@ -8,6 +8,7 @@ mod breakdown;
 mod env;
 mod methods;
 mod pod;
+mod reconcile;
 mod report;
 mod rules;
 mod runc;
@@ -233,6 +234,19 @@ fn main() -> anyhow::Result<()> {
         pod = Some(samples.result());
     }
 
+    // 3b. What a reconcile pass costs with 100 and 250 READY sandboxes asking for capture.
+    let mut reconcile = Vec::new();
+    if sweeps || args.only.iter().any(|o| o == "reconcile") {
+        let sizes: &[usize] = if args.quick { &[10] } else { &[100, 250] };
+        let passes = if args.quick { 3 } else { 10 };
+        let pb = bar(
+            sizes.iter().copied().max().unwrap_or(0),
+            "reconcile: sandboxes",
+        );
+        reconcile = reconcile::run(sizes, passes, &pb)?;
+        pb.finish();
+    }
+
     // 4. Node population: one more attach with 0, 100, 1000 pods already attached.
     let mut population = Vec::new();
     let mut background: Vec<Netns> = Vec::new();
@@ -300,6 +314,7 @@ fn main() -> anyhow::Result<()> {
         concurrency,
         population,
         pod,
+        reconcile,
         breakdown,
         rss,
     };

@@ -57,6 +57,7 @@ pub struct Report {
     pub concurrency: Vec<ConcurrencyResult>,
     pub population: Vec<PopulationResult>,
     pub pod: Option<crate::pod::PodResult>,
+    pub reconcile: Vec<crate::reconcile::PassCost>,
     pub breakdown: Option<crate::breakdown::Breakdown>,
     pub rss: Rss,
 }
@@ -235,6 +236,24 @@ impl Report {
                         s.n, s.mean_ms, s.ci95_ms, s.p50_ms
                     );
                 }
+            }
+        }
+        if !self.reconcile.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n| reconcile pass (containerd CRI, READY sandboxes asking for capture) | passes | wall ms (mean) | agent CPU ms / pass | containerd CPU ms / pass | agent's share of a core at the default 15 s |\n|---|---:|---:|---:|---:|---:|"
+            );
+            for r in &self.reconcile {
+                let _ = writeln!(
+                    out,
+                    "| {} sandboxes | {} | {:.1} | {:.1} | {:.1} | {:.2} % |",
+                    r.sandboxes,
+                    r.passes,
+                    r.wall_ms_mean,
+                    r.cpu_ms_per_pass,
+                    r.runtime_cpu_ms_per_pass,
+                    r.core_share_at_default * 100.0
+                );
             }
         }
         let kib = |v: Option<u64>| {

@@ -79,6 +79,8 @@ pub struct Metrics {
     /// Reconcile passes by result (`ok`; `partial`: some sandboxes' status could not be read;
     /// `error`: the runtime could not be listed).
     pub reconcile_passes: Family<Outcome, Counter>,
+    /// Wall time of each reconcile pass that listed the runtime (`ok` or `partial`), seconds.
+    pub reconcile_pass_duration: Histogram,
     /// 1 while the agent answers its readiness probe SERVING (install in place, kernel path
     /// working), else 0.
     pub ready: Gauge,
@@ -127,6 +129,10 @@ impl Metrics {
             repairs: Family::default(),
             uncaptured_pods: Gauge::default(),
             reconcile_passes: Family::default(),
+            // 1 ms .. ~16 s, doubling.
+            reconcile_pass_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
             ready: Gauge::default(),
             refused_peers: Counter::default(),
             native_overrides_ignored: Family::default(),
@@ -176,6 +182,11 @@ impl Metrics {
             "reconcile_passes",
             "Reconcile passes over the runtime's sandboxes, by result",
             m.reconcile_passes.clone(),
+        );
+        registry.register(
+            "reconcile_pass_duration_seconds",
+            "Wall time of a reconcile pass that listed the runtime",
+            m.reconcile_pass_duration.clone(),
         );
         registry.register(
             "ready",

@@ -362,7 +362,7 @@ impl Containerd {
     /// Starts containerd and imports the test image; panics with containerd's log if it does
     /// not come up.
     pub fn start(name: &str, chain: &Chain) -> Self {
-        let dir = std::env::temp_dir().join(format!("sluice-cri-{name}-{}", std::process::id()));
+        let dir = Self::dir_for(name);
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["root", "state", "cni/bin", "cni/conf", "ipam", "logs"] {
             std::fs::create_dir_all(dir.join(sub)).expect("containerd dirs");
@@ -408,6 +408,17 @@ impl Containerd {
         me.wait_ready();
         me.import_image();
         me
+    }
+
+    /// containerd's process id (for its CPU time in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The directory of the instance `start(name, ..)` makes (its socket is `containerd.sock`
+    /// in it), known before it starts: for an agent that is started first.
+    pub fn dir_for(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("sluice-cri-{name}-{}", std::process::id()))
     }
 
     /// Restarts containerd as a node's service manager would (SIGTERM, then the same

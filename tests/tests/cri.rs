@@ -276,3 +276,67 @@ fn twenty_pods_started_concurrently_all_get_correct_rules() {
         assert!(check.status.success(), "{id}: {check:?}");
     }
 }
+
+/// The install on this runtime's layout: for every `cniVersion` its libcni accepts results of
+/// (1.6/1.7: 0.4.0 and 1.0.0; 2.x also 1.1.0), `sluice-agent install` chains into the primary
+/// conflist keeping its version, and the runtime then runs a captured pod and a plain one
+/// through it, and removes them.
+#[test]
+fn install_keeps_each_cni_version_the_runtime_accepts_and_pods_run_through_it() {
+    require_root();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let runtime = sluice_tests::cri::Runtime::current();
+    let agent = Agent::start("cri-install-versions");
+    for (i, version) in runtime.cni_versions().iter().enumerate() {
+        let chain = Chain {
+            cni_version: version,
+            link_plugin: false,
+            ..Chain::new(None, 40 + i as u8)
+        };
+        let containerd = Containerd::start(&format!("install-{i}"), &chain);
+        let conf_dir = containerd.dir.join("cni/conf");
+        let out = std::process::Command::new(bin("sluice-agent"))
+            .arg("install")
+            .arg("--cni-bin-dir")
+            .arg(containerd.dir.join("cni/bin"))
+            .arg("--cni-conf-dir")
+            .arg(&conf_dir)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .arg("--plugin")
+            .arg(bin("sluice-cni"))
+            .output()
+            .expect("sluice-agent install");
+        assert!(out.status.success(), "install: {out:?}");
+        let conflist: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(conf_dir.join("10-sluice-test.conflist")).expect("conflist"),
+        )
+        .expect("JSON");
+        assert_eq!(conflist["cniVersion"], *version, "{conflist}");
+        assert_eq!(conflist["plugins"][1]["type"], "sluice-cni", "{conflist}");
+
+        let web = containerd
+            .run_pod("web", &[ENABLED])
+            .unwrap_or_else(|e| panic!("containerd {} cni {version}: {e}", runtime.version));
+        let ns = Netns::existing(&containerd.netns_of(&web));
+        assert!(
+            ns.sluice_table()
+                .is_some_and(|t| t.contains("redirect to :15001")),
+            "cni {version}: captured"
+        );
+        let plain = containerd
+            .run_pod("plain", &[])
+            .unwrap_or_else(|e| panic!("cni {version}, a plain pod: {e}"));
+        assert_eq!(
+            Netns::existing(&containerd.netns_of(&plain)).sluice_table(),
+            None
+        );
+        containerd.stop_and_remove(&web).expect("web goes");
+        containerd.stop_and_remove(&plain).expect("plain goes");
+        let listed = String::from_utf8_lossy(&agent.ctl(&["list"]).stdout).into_owned();
+        assert!(
+            !listed.contains(&web),
+            "cni {version}: DEL detached: {listed}"
+        );
+    }
+}

@@ -10,6 +10,7 @@
 //! (CNI never ran for them). Every call is bounded in time and in size ([`MAX_MESSAGE`]); one
 //! sandbox whose status cannot be read is reported and skipped, never the end of the pass.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -64,6 +65,25 @@ pub use crate::agent::Sandbox;
 pub struct Cri {
     socket: PathBuf,
     client: Option<RuntimeServiceClient<Channel>>,
+    /// What each READY sandbox's verbose status said, by sandbox id: a sandbox's pod, network
+    /// namespace and addresses are fixed for its life, so it is asked once, not every pass.
+    /// Answering a verbose status is the runtime's largest cost of a pass (containerd
+    /// marshals the sandbox's whole spec): measured in docs/benchmark.md. Entries of
+    /// sandboxes no longer listed are dropped each pass; all of them when listing fails.
+    known: HashMap<String, Known>,
+}
+
+/// The parts of a sandbox's verbose status a pass needs.
+#[derive(Debug, Clone)]
+enum Known {
+    /// Host network: CNI never ran for it, nothing to do.
+    HostNetwork,
+    Pod {
+        pod: PodRef,
+        /// `None` when the status names none (then it is not kept, and asked again).
+        netns: Option<String>,
+        ips: Vec<String>,
+    },
 }
 
 async fn timed_call<T>(
@@ -88,6 +108,7 @@ impl Cri {
         Cri {
             socket: socket.to_owned(),
             client: None,
+            known: HashMap::new(),
         }
     }
 
@@ -122,8 +143,9 @@ impl Cri {
     pub async fn ready_sandboxes(&mut self) -> Result<Listing, CriError> {
         let result = self.list().await;
         if result.is_err() {
-            // Reconnect next time (the runtime may have restarted).
+            // Reconnect next time (the runtime may have restarted), and ask afresh.
             self.client = None;
+            self.known.clear();
         }
         result
     }
@@ -158,57 +180,92 @@ impl Cri {
                 asks
             })
             .collect();
+        let listed: HashSet<String> = asking.iter().map(|i| i.id.clone()).collect();
+        self.known.retain(|id, _| listed.contains(id));
         for item in asking {
-            let status = match timed_call(
-                "PodSandboxStatus",
-                client.pod_sandbox_status(PodSandboxStatusRequest {
-                    pod_sandbox_id: item.id.clone(),
-                    verbose: true,
-                }),
-            )
-            .await
-            {
-                Ok(s) => s,
-                // Gone between the two calls: not READY any more.
-                Err(CriError::Call { message, .. }) if message.contains("not found") => continue,
-                Err(e) => {
-                    listing.failed.push((item.id, e));
-                    continue;
-                }
+            let known = match self.known.get(&item.id) {
+                Some(k) => k.clone(),
+                None => match status_of(&mut client, &item.id).await {
+                    Ok(Some(k)) => {
+                        if !matches!(k, Known::Pod { netns: None, .. }) {
+                            self.known.insert(item.id.clone(), k.clone());
+                        }
+                        k
+                    }
+                    // Not READY any more, or gone.
+                    Ok(None) => continue,
+                    Err(e) => {
+                        listing.failed.push((item.id, e));
+                        continue;
+                    }
+                },
             };
-            let Some(st) = status.status else { continue };
-            if st.state != PodSandboxState::SandboxReady as i32 {
+            let Known::Pod { pod, netns, ips } = known else {
                 continue;
-            }
-            let host_network = st
-                .linux
-                .as_ref()
-                .and_then(|l| l.namespaces.as_ref())
-                .and_then(|n| n.options.as_ref())
-                .is_some_and(|o| o.network == NamespaceMode::Node as i32);
-            if host_network {
-                continue;
-            }
-            let meta = st.metadata.unwrap_or_default();
-            let mut ips = Vec::new();
-            if let Some(net) = st.network {
-                ips.extend(Some(net.ip).filter(|ip| !ip.is_empty()));
-                ips.extend(net.additional_ips.into_iter().map(|p| p.ip));
-            }
+            };
             listing.sandboxes.push(Sandbox {
                 id: item.id,
-                pod: PodRef {
-                    namespace: meta.namespace,
-                    name: meta.name,
-                    uid: meta.uid,
-                },
+                pod,
                 annotations: item.annotations.into_iter().collect(),
-                netns: netns_from_info(&status.info),
+                netns,
                 ips,
             });
         }
         Ok(listing)
     }
+}
+
+/// A sandbox's verbose status, reduced to what a pass needs; `None` when it is no longer
+/// READY (or gone).
+async fn status_of(
+    client: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<Option<Known>, CriError> {
+    let status = match timed_call(
+        "PodSandboxStatus",
+        client.pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_owned(),
+            verbose: true,
+        }),
+    )
+    .await
+    {
+        Ok(s) => s,
+        // Gone between the two calls: not READY any more.
+        Err(CriError::Call { message, .. }) if message.contains("not found") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(st) = status.status else {
+        return Ok(None);
+    };
+    if st.state != PodSandboxState::SandboxReady as i32 {
+        return Ok(None);
+    }
+    let host_network = st
+        .linux
+        .as_ref()
+        .and_then(|l| l.namespaces.as_ref())
+        .and_then(|n| n.options.as_ref())
+        .is_some_and(|o| o.network == NamespaceMode::Node as i32);
+    if host_network {
+        return Ok(Some(Known::HostNetwork));
+    }
+    let netns = netns_from_info(&status.info);
+    let meta = st.metadata.unwrap_or_default();
+    let mut ips = Vec::new();
+    if let Some(net) = st.network {
+        ips.extend(Some(net.ip).filter(|ip| !ip.is_empty()));
+        ips.extend(net.additional_ips.into_iter().map(|p| p.ip));
+    }
+    Ok(Some(Known::Pod {
+        pod: PodRef {
+            namespace: meta.namespace,
+            name: meta.name,
+            uid: meta.uid,
+        },
+        netns,
+        ips,
+    }))
 }
 
 /// The network namespace path in a verbose `PodSandboxStatus`'s `info` (see the module docs).

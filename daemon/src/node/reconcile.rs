@@ -168,6 +168,10 @@ pub async fn pass(service: &Arc<Agent>, cri: &mut Cri, repair: Repair, state: &m
             sandboxes.len()
         ));
     }
+    service
+        .metrics()
+        .reconcile_pass_duration
+        .observe(started.elapsed().as_secs_f64());
     tracing::debug!(sandboxes = sandboxes.len(), ?counts, "reconcile pass");
 }
 
