@@ -28,7 +28,7 @@ pub struct AttachOutcome {
     pub result: String,
     /// A fixed set: for `error` `invalid_argument`, `not_found`, `deadline`, `saturated`,
     /// `unavailable`, `kernel`; for `skipped` `not_selected`, `opted_out`,
-    /// `profile_disabled`, `interception_none`; "" for `programmed`.
+    /// `profile_disabled`, `interception_none`, `mesh_gate`; "" for `programmed`.
     pub reason: String,
     /// The CNI error code the runtime saw (`7`, `11`, `101` …); "" unless `error`.
     pub code: String,
@@ -36,12 +36,13 @@ pub struct AttachOutcome {
 
 /// Every (result, reason, code) an attach can be counted under; the README's metrics table
 /// lists them.
-pub const ATTACH_OUTCOMES: [(&str, &str, &str); 13] = [
+pub const ATTACH_OUTCOMES: [(&str, &str, &str); 14] = [
     ("programmed", "", ""),
     ("skipped", "not_selected", ""),
     ("skipped", "opted_out", ""),
     ("skipped", "profile_disabled", ""),
     ("skipped", "interception_none", ""),
+    ("skipped", "mesh_gate", ""),
     ("error", "invalid_argument", "7"),
     ("error", "invalid_argument", "4"),
     ("error", "not_found", "3"),

@@ -599,3 +599,57 @@ fn oversized_input_is_a_bounded_error_naming_what_is_too_large() {
     assert!(run.stdout.len() < 1024, "bounded: {}", run.stdout.len());
     assert!(ns.sluice_table().is_none());
 }
+
+/// istio-cni's gate through the real plugin and agent: a pod whose injector added `istio-init`
+/// (Istio installed without its CNI) captures itself, so sluice leaves it alone — ADD hands
+/// `prevResult` on, no table, CHECK clean — instead of capturing it a second time; a pod
+/// whose proxy is a native sidecar (`istio-proxy` under `initContainers`) is captured, and so
+/// is the reconciler's view of both (`sluicectl explain` names the gate).
+#[test]
+fn istio_pods_are_captured_only_where_istio_cni_would_capture_them() {
+    require_root();
+    let agent = Agent::start("istio-gate");
+    let with_init = Netns::new("sl-istio-gate-init");
+    let native = Netns::new("sl-istio-gate-native");
+    let init_status = (
+        "sidecar.istio.io/status",
+        r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"revision":"default"}"#,
+    );
+    let native_status = (
+        "sidecar.istio.io/status",
+        r#"{"initContainers":["istio-validation","istio-proxy"],"containers":null,"revision":"default"}"#,
+    );
+    let prev = prev_result("1.0.0");
+    let stdin = conf("1.0.0", &agent.socket_str(), &[init_status], Some(&prev));
+    let run = cni("ADD", "gate-init", &with_init.path(), &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert_eq!(run.stdout, prev, "prevResult handed on");
+    assert_eq!(
+        with_init.sluice_table(),
+        None,
+        "istio-init's pod is not captured twice"
+    );
+    assert_eq!(cni("CHECK", "gate-init", &with_init.path(), &stdin).exit, 0);
+    let explain = agent.ctl(&[
+        "explain",
+        "--annotation",
+        &format!("{}={}", init_status.0, init_status.1),
+    ]);
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        text.contains("istio-init") && text.contains("mesh gate"),
+        "explain names the gate: {text}{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
+    assert_eq!(cni("DEL", "gate-init", &with_init.path(), &stdin).exit, 0);
+
+    let stdin = conf("1.0.0", &agent.socket_str(), &[native_status], Some(&prev));
+    let run = cni("ADD", "gate-native", &native.path(), &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    let table = native
+        .sluice_table()
+        .expect("a native-sidecar pod is captured");
+    assert!(table.contains("redirect to :15001"), "{table}");
+    assert_eq!(cni("CHECK", "gate-native", &native.path(), &stdin).exit, 0);
+    assert_eq!(cni("DEL", "gate-native", &native.path(), &stdin).exit, 0);
+}

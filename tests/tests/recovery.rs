@@ -94,8 +94,18 @@ fn pods_started_before_sluice_was_chained_are_captured_and_others_left_alone() {
     let off = containerd
         .run_pod("off", &[("sluice.dev/redirect", "disabled")])
         .expect("off");
+    // Istio without its CNI: istio-init captures this pod; the reconciler must not.
+    let istio_init = containerd
+        .run_pod(
+            "istio-init",
+            &[(
+                "sidecar.istio.io/status",
+                r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#,
+            )],
+        )
+        .expect("istio-init");
     let ns = |id: &str| Netns::existing(&containerd.netns_of(id));
-    for id in [&web, &tp, &plain, &off] {
+    for id in [&web, &tp, &plain, &off, &istio_init] {
         assert!(ns(id).sluice_table().is_none());
     }
     let started = Instant::now();
@@ -115,8 +125,12 @@ fn pods_started_before_sluice_was_chained_are_captured_and_others_left_alone() {
         ns(&off).sluice_table().is_none(),
         "nor one that says disabled"
     );
+    assert!(
+        ns(&istio_init).sluice_table().is_none(),
+        "nor one its mesh's own init container captures (the mesh's gate)"
+    );
     // Check works for any pod the runtime knows, captured or not.
-    for id in [&web, &tp, &plain, &off] {
+    for id in [&web, &tp, &plain, &off, &istio_init] {
         let check = agent.ctl(&["check", id]);
         assert!(check.status.success(), "{check:?}");
     }
@@ -140,7 +154,8 @@ fn pods_started_before_sluice_was_chained_are_captured_and_others_left_alone() {
         listed.contains(&web)
             && listed.contains(&tp)
             && !listed.contains(&plain)
-            && !listed.contains(&off),
+            && !listed.contains(&off)
+            && !listed.contains(&istio_init),
         "{listed:?}"
     );
     let status = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();

@@ -136,6 +136,8 @@ fn skip_reason(reason: &str) -> &'static str {
         "opted_out"
     } else if reason.contains("NONE") {
         "interception_none"
+    } else if reason.starts_with("mesh gate:") {
+        "mesh_gate"
     } else {
         "not_selected"
     }

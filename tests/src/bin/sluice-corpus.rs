@@ -71,6 +71,18 @@ fn shapes() -> Vec<(&'static str, Vec<(String, String)>)> {
             format!("value {i}"),
         )
     }));
+    let istio = |status: &str| {
+        kubelet(&[
+            ("istio.io/rev", "default"),
+            ("kubectl.kubernetes.io/default-container", "app"),
+            ("kubectl.kubernetes.io/default-logs-container", "app"),
+            ("prometheus.io/path", "/stats/prometheus"),
+            ("prometheus.io/port", "15020"),
+            ("prometheus.io/scrape", "true"),
+            ("sidecar.istio.io/status", status),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "9411"),
+        ])
+    };
     vec![
         // No annotations at all: kubelet sends none for a static pod without any, and
         // containerd then sends `"io.kubernetes.cri.pod-annotations": null`.
@@ -78,22 +90,21 @@ fn shapes() -> Vec<(&'static str, Vec<(String, String)>)> {
         // A busy pod that did not opt in: kubelet's, kubectl's, Helm's, opt-outs, a large
         // JSON value, unicode, an empty value.
         ("many-annotations", many),
-        // What Istio's injector leaves on a sidecar pod (istio 1.2x), captured in REDIRECT.
+        // What Istio's injector leaves on a sidecar pod when Istio runs with its CNI (istio
+        // 1.2x: the CNI's `istio-validation` init container), captured in REDIRECT.
         (
             "istio",
-            kubelet(&[
-                ("istio.io/rev", "default"),
-                ("kubectl.kubernetes.io/default-container", "app"),
-                ("kubectl.kubernetes.io/default-logs-container", "app"),
-                ("prometheus.io/path", "/stats/prometheus"),
-                ("prometheus.io/port", "15020"),
-                ("prometheus.io/scrape", "true"),
-                (
-                    "sidecar.istio.io/status",
-                    r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#,
-                ),
-                ("traffic.sidecar.istio.io/excludeOutboundPorts", "9411"),
-            ]),
+            istio(
+                r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#,
+            ),
+        ),
+        // The same pod from an Istio without its CNI: `istio-init` captures it, sluice must not
+        // (istio-cni's gate).
+        (
+            "istio-init",
+            istio(
+                r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#,
+            ),
         ),
         // What Linkerd's injector leaves on a meshed pod (stable-2.14).
         (

@@ -1,5 +1,5 @@
-//! The Istio profile: a pod injected by Istio (`sidecar.istio.io/status` present) is captured
-//! as istio-cni captures a sidecar pod, honouring Istio's own annotations with Istio's
+//! The Istio profile: a pod injected by Istio (`sidecar.istio.io/status` present) that
+//! istio-cni would capture (see [`gate`]) is captured as istio-cni captures a sidecar pod, honouring Istio's own annotations with Istio's
 //! meaning. Reference: istio/istio `cni/pkg/plugin/sidecar_redirect.go` and
 //! `tools/istio-iptables/pkg/capture/run.go` (goldens in shared/reference/upstream).
 
@@ -28,6 +28,67 @@ const DEFAULT_EXCLUDE_OUTBOUND: [u16; 1] = [15020];
 
 pub fn injected(ann: &BTreeMap<String, String>) -> bool {
     ann.contains_key(STATUS)
+}
+
+/// The init container the injector adds when Istio runs without its CNI: it captures the pod
+/// itself, with iptables.
+const INIT_CONTAINER: &str = "istio-init";
+/// The sidecar, under `containers`, or under `initContainers` as a native sidecar (Istio's
+/// default since 1.28).
+const PROXY_CONTAINER: &str = "istio-proxy";
+
+/// Whether istio-cni would capture an injected pod, from what the injector recorded in its
+/// status (`initContainers`, `containers`): not when `istio-init` was injected (the pod
+/// captures itself; capturing it too would capture it twice), and only when `istio-proxy` is
+/// among either list. A status with neither list (no injector writes one; earlier sluice
+/// releases were tested with `{}`) is taken as a sidecar pod. A status that is not a JSON
+/// object, or whose lists are not lists of names, is an invalid annotation: the pod asked for
+/// a mesh and must not start uncaptured for a typo.
+pub(super) fn gate(ann: &BTreeMap<String, String>) -> Result<Option<String>, PlanError> {
+    let Some(value) = ann.get(STATUS) else {
+        return Ok(Some(format!("mesh gate: no {STATUS}")));
+    };
+    let status: serde_json::Value = serde_json::from_str(value)
+        .map_err(|e| invalid(STATUS, value, format!("not JSON: {e}")))?;
+    let Some(status) = status.as_object() else {
+        return Err(invalid(STATUS, value, "not a JSON object"));
+    };
+    let names = |key: &str| -> Result<Option<Vec<&str>>, PlanError> {
+        match status.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str().ok_or_else(|| {
+                        invalid(STATUS, value, format!("{key} is not a list of names"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(invalid(STATUS, value, format!("{key} is not a list"))),
+        }
+    };
+    let init = names("initContainers")?;
+    let containers = names("containers")?;
+    if init.as_ref().is_some_and(|i| i.contains(&INIT_CONTAINER)) {
+        return Ok(Some(format!(
+            "mesh gate: {INIT_CONTAINER} was injected (Istio without its CNI) and captures the pod itself"
+        )));
+    }
+    if init.is_none() && containers.is_none() {
+        return Ok(None);
+    }
+    let proxy = [&init, &containers]
+        .into_iter()
+        .flatten()
+        .any(|l| l.contains(&PROXY_CONTAINER));
+    if proxy {
+        Ok(None)
+    } else {
+        Ok(Some(format!(
+            "mesh gate: no {PROXY_CONTAINER} container in {STATUS}"
+        )))
+    }
 }
 
 /// Every annotation key this profile reads.

@@ -403,6 +403,9 @@ pub fn decide_for(
                 reason: "istio profile is disabled in the agent configuration".into(),
             });
         }
+        if let Some(reason) = istio::gate(annotations)? {
+            return Ok(Decision::Skip { reason });
+        }
         istio::plan(annotations, defaults)?.map(|p| (p, Profile::Istio))
     } else if linkerd::injected(annotations) {
         if !defaults.linkerd {

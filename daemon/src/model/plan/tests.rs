@@ -188,6 +188,60 @@ fn istio_pods_get_istio_cni_defaults() {
     );
 }
 
+/// istio-cni's own gate, read from what the injector recorded: a pod whose injector added
+/// `istio-init` (Istio installed without its CNI) captures itself and is left alone; a pod is
+/// captured when `istio-proxy` is a container or a native sidecar (`initContainers`).
+#[test]
+fn istio_pods_are_captured_only_where_istio_cni_would_capture_them() {
+    let status = |v: &'static str| ("sidecar.istio.io/status", v);
+    let captured = |v: &'static str| {
+        matches!(
+            decide_with(&[status(v)], &PlanDefaults::default()),
+            Decision::Capture {
+                profile: Profile::Istio,
+                ..
+            }
+        )
+    };
+    let skipped = |v: &'static str| match decide_with(&[status(v)], &PlanDefaults::default()) {
+        Decision::Skip { reason } => reason,
+        other => panic!("{v}: expected a skip, got {other:?}"),
+    };
+    // Istio without its CNI: istio-init does the capture.
+    let reason = skipped(
+        r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#,
+    );
+    assert!(reason.contains("istio-init"), "{reason}");
+    // Native sidecar with istio-init too: still istio-init's.
+    skipped(r#"{"initContainers":["istio-init","istio-proxy"],"containers":null}"#);
+    // CNI mode: istio-validation (the CNI's check), the proxy a container or a native sidecar.
+    assert!(captured(
+        r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"revision":"default"}"#
+    ));
+    assert!(captured(
+        r#"{"initContainers":["istio-validation","istio-proxy"],"containers":null}"#
+    ));
+    assert!(captured(
+        r#"{"initContainers":null,"containers":["istio-proxy"]}"#
+    ));
+    // Injected without a proxy (a custom template): istio-cni leaves it alone.
+    let reason = skipped(r#"{"initContainers":null,"containers":["app-helper"]}"#);
+    assert!(reason.contains("istio-proxy"), "{reason}");
+    // No lists at all (not written by any injector): taken as a sidecar pod.
+    assert!(captured("{}"));
+    // A status that cannot be read is an invalid annotation, naming it.
+    for bad in [
+        "not json",
+        "[]",
+        r#"{"containers":"istio-proxy"}"#,
+        r#"{"initContainers":[1]}"#,
+    ] {
+        let e =
+            decide4(&ann(&[status(bad)]), &PlanDefaults::default()).expect_err("invalid status");
+        assert_eq!(e.annotation, "sidecar.istio.io/status", "{bad}: {e}");
+    }
+}
+
 #[test]
 fn istio_annotations_keep_istios_meaning() {
     let Decision::Capture { plan: p, .. } = decide_with(
