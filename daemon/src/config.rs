@@ -98,7 +98,7 @@ pub struct FileConfig {
     /// TPROXY packet mark and routing table when a pod names none (default 1337, 133).
     pub tproxy_mark: Option<u32>,
     pub tproxy_table: Option<u32>,
-    /// Mesh profiles to read annotations of (default: all): "istio", "linkerd".
+    /// Mesh profiles to read annotations of (default: all): "istio", "linkerd", "kuma".
     pub profiles: Option<Vec<String>>,
     /// CRI socket path, or `off`.
     pub cri_socket: Option<String>,
@@ -189,11 +189,11 @@ impl FileConfig {
             .profiles
             .iter()
             .flatten()
-            .find(|p| !["istio", "linkerd"].contains(&p.as_str()))
+            .find(|p| !["istio", "linkerd", "kuma"].contains(&p.as_str()))
         {
             return Err(ConfigError::Invalid {
                 path: path.into(),
-                message: format!("unknown profile {unknown:?} (known: istio, linkerd)"),
+                message: format!("unknown profile {unknown:?} (known: istio, linkerd, kuma)"),
             });
         }
         Ok(file)
@@ -244,6 +244,7 @@ impl FileConfig {
         if let Some(v) = self.profiles {
             p.istio = v.iter().any(|s| s == "istio");
             p.linkerd = v.iter().any(|s| s == "linkerd");
+            p.kuma = v.iter().any(|s| s == "kuma");
         }
         if let Some(v) = self.allowed_unsafe_sysctls {
             p.allowed_unsafe_sysctls = v;

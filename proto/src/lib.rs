@@ -180,9 +180,12 @@ pub mod annotations {
     pub const ISTIO_STATUS: &str = "sidecar.istio.io/status";
     /// Set by the Linkerd injector on every meshed pod.
     pub const LINKERD_PROXY_VERSION: &str = "linkerd.io/proxy-version";
+    /// Written by Kuma's webhook (≥ 2.9) on every pod it injects: the transparent-proxy
+    /// configuration, YAML.
+    pub const KUMA_CONFIG: &str = "traffic.kuma.io/transparent-proxy-config";
     /// Mesh annotations whose presence forwards a pod (the agent decides whether the profile
     /// is enabled).
-    pub const PROFILE_TRIGGERS: [&str; 2] = [ISTIO_STATUS, LINKERD_PROXY_VERSION];
+    pub const PROFILE_TRIGGERS: [&str; 3] = [ISTIO_STATUS, LINKERD_PROXY_VERSION, KUMA_CONFIG];
 
     /// Whether these pod annotations ask for sluice: `sluice.dev/redirect` with any value but
     /// `disabled` (a typo in the value is then rejected by the agent instead of silently

@@ -363,6 +363,17 @@ fn sluicectl_explain_renders_each_mode_and_names_the_profile() {
     let linkerd = explain(&["-a", "linkerd.io/proxy-version=stable-2.14.10", "--plan"]);
     assert!(linkerd.contains("# profile: linkerd"), "{linkerd}");
     assert!(linkerd.contains("redirect to :4140"), "{linkerd}");
+    let kuma = explain(&[
+        "-a",
+        "kuma.io/sidecar-injected=true",
+        "-a",
+        "traffic.kuma.io/transparent-proxy-config=cniMode: true\nredirect:\n  dns:\n    enabled: true\n    captureAll: true\n",
+    ]);
+    assert!(
+        kuma.contains("# profile: kuma (from traffic.kuma.io/transparent-proxy-config)"),
+        "{kuma}"
+    );
+    assert!(kuma.contains("udp dport 53 redirect to :15053"), "{kuma}");
     let none = explain(&[
         "-a",
         "sidecar.istio.io/status={}",

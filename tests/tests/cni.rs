@@ -653,3 +653,75 @@ fn istio_pods_are_captured_only_where_istio_cni_would_capture_them() {
     assert_eq!(cni("CHECK", "gate-native", &native.path(), &stdin).exit, 0);
     assert_eq!(cni("DEL", "gate-native", &native.path(), &stdin).exit, 0);
 }
+
+/// kuma-cni's gate through the real plugin and agent: a pod in CNI mode is captured; one whose
+/// configuration says `cniMode: false` (kuma-init captures it) is left alone; a configuration
+/// asking for rules sluice does not write fails the ADD with code 7 naming the field, nothing
+/// applied; a pod of Kuma ≤ 2.8 (no configuration annotation) never reaches the agent.
+#[test]
+fn kuma_pods_are_captured_only_where_kuma_cni_would_capture_them() {
+    require_root();
+    let agent = Agent::start("kuma-gate");
+    let prev = prev_result("1.0.0");
+    let injected = ("kuma.io/sidecar-injected", "true");
+    let config = "traffic.kuma.io/transparent-proxy-config";
+    let cases: [(&str, &str, Option<u64>, bool); 3] = [
+        (
+            "kuma-cni",
+            "kumaDPUser: \"5678\"\ncniMode: true\n",
+            None,
+            true,
+        ),
+        (
+            "kuma-init",
+            "kumaDPUser: \"5678\"\ncniMode: false\n",
+            None,
+            false,
+        ),
+        (
+            "kuma-uids",
+            "cniMode: true\nredirect:\n  outbound:\n    excludePortsForUIDs: [\"tcp:80:1000\"]\n",
+            Some(7),
+            false,
+        ),
+    ];
+    for (name, yaml, code, captured) in cases {
+        let ns = Netns::new(&format!("sl-{name}"));
+        let stdin = conf(
+            "1.0.0",
+            &agent.socket_str(),
+            &[injected, (config, yaml)],
+            Some(&prev),
+        );
+        let run = cni("ADD", name, &ns.path(), &stdin);
+        match code {
+            None => assert_eq!(run.exit, 0, "{name}: {run:?}"),
+            Some(code) => {
+                assert_eq!(run.error_code(), code, "{name}: {run:?}");
+                let msg = run.json()["msg"].as_str().unwrap_or_default().to_owned();
+                assert!(msg.contains("excludePortsForUIDs"), "{name}: {msg}");
+            }
+        }
+        assert_eq!(ns.sluice_table().is_some(), captured, "{name}");
+        if captured {
+            let table = ns.sluice_table().unwrap_or_default();
+            assert!(table.contains("meta skuid 5678 return"), "{table}");
+            assert_eq!(cni("CHECK", name, &ns.path(), &stdin).exit, 0);
+        }
+        assert_eq!(cni("DEL", name, &ns.path(), &stdin).exit, 0, "{name}");
+    }
+    // Kuma ≤ 2.8: per-field annotations only, not forwarded (no agent needed).
+    let old = Netns::new("sl-kuma-old");
+    let stdin = conf(
+        "1.0.0",
+        "/nonexistent/agent.sock",
+        &[
+            injected,
+            ("kuma.io/transparent-proxying-inbound-port", "15006"),
+        ],
+        Some(&prev),
+    );
+    let run = cni("ADD", "kuma-old", &old.path(), &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert_eq!(old.sluice_table(), None);
+}

@@ -47,17 +47,21 @@ fn probes() -> Vec<Probe> {
         "10.99.0.2:15008",
         "10.99.0.1:53",
     ];
+    // The apps' uid, Istio's proxy uid and gid, Linkerd's, Kuma's, root.
     let owners = [
         (1000, 1000),
         (1337, 1000),
         (1000, 1337),
         (2102, 1000),
+        (5678, 1000),
         (0, 0),
     ];
     for (uid, gid) in owners {
         for to in outbound {
             out.push(("pod", uid, gid, None, to.to_owned()));
         }
+        // DNS over UDP (the DNS port in the pod answers when captured, the peer's otherwise).
+        out.push(("pod", uid, gid, Some("udp"), "10.99.0.1:53".to_owned()));
     }
     out.push((
         "pod",
@@ -101,7 +105,13 @@ fn probes() -> Vec<Probe> {
         "[fd00:99::2]:8080",
         "[fd00:99::2]:15008",
     ];
-    for (uid, gid) in [(1000, 1000), (1337, 1000), (1000, 1337), (0, 0)] {
+    for (uid, gid) in [
+        (1000, 1000),
+        (1337, 1000),
+        (1000, 1337),
+        (5678, 1000),
+        (0, 0),
+    ] {
         for to in outbound6 {
             out.push(("pod", uid, gid, None, to.to_owned()));
         }
@@ -422,6 +432,61 @@ fn istio_tproxy_dual_stack() {
         &[
             ISTIO_STATUS,
             ("sidecar.istio.io/interceptionMode", "TPROXY"),
+        ],
+    );
+}
+
+/// What Kuma's webhook (≥ 2.9, CNI mode) writes on an injected pod: `kuma.io/sidecar-injected`
+/// and the transparent-proxy configuration, here Kuma's defaults plus `extra` (YAML lines
+/// under `redirect:`).
+fn kuma(extra: &str) -> [(&'static str, String); 2] {
+    [
+        ("kuma.io/sidecar-injected", "true".to_owned()),
+        (
+            "traffic.kuma.io/transparent-proxy-config",
+            format!(
+                "kumaDPUser: \"5678\"\nipFamilyMode: dualstack\nredirect:\n  inbound:\n    enabled: true\n    port: 15006\n  outbound:\n    enabled: true\n    port: 15001\n{extra}cniMode: true\n"
+            ),
+        ),
+    ]
+}
+
+fn pairs<'a>(a: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    a.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[test]
+fn kuma_default() {
+    differential("kd", "kuma-default.ipt", &pairs(&kuma("")));
+}
+
+#[test]
+fn kuma_dual_stack() {
+    differential_with(
+        "kd6",
+        &["kuma-default.ipt", "kuma-default.ip6t"],
+        &[POD_CIDR4, POD_CIDR6],
+        &pairs(&kuma("")),
+    );
+}
+
+#[test]
+fn kuma_dns_and_exclusions() {
+    let ann = kuma("  dns:\n    enabled: true\n    captureAll: true\n    port: 15053\n");
+    // The exclusions go into the YAML's inbound/outbound maps: rebuild it whole.
+    let config = ann[1].1.replace(
+        "  inbound:\n    enabled: true\n    port: 15006\n",
+        "  inbound:\n    enabled: true\n    port: 15006\n    excludePorts: [8081]\n    excludePortsForIPs: [\"10.98.0.1\"]\n",
+    ).replace(
+        "  outbound:\n    enabled: true\n    port: 15001\n",
+        "  outbound:\n    enabled: true\n    port: 15001\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.98.0.0/16\"]\n",
+    );
+    differential(
+        "kdns",
+        "kuma-dns-exclusions.ipt",
+        &[
+            ("kuma.io/sidecar-injected", "true"),
+            ("traffic.kuma.io/transparent-proxy-config", &config),
         ],
     );
 }

@@ -111,6 +111,17 @@ const CASES: &[Case] = &[
             ("sidecar.istio.io/interceptionMode", "TPROXY"),
         ],
     ),
+    (
+        "kuma-profile",
+        DUAL,
+        &[
+            ("kuma.io/sidecar-injected", "true"),
+            (
+                "traffic.kuma.io/transparent-proxy-config",
+                "kumaDPUser: \"5678\"\nipFamilyMode: dualstack\nredirect:\n  inbound:\n    port: 15006\n    excludePorts: [9001]\n    excludePortsForIPs: [\"10.98.0.1,fd00:98::1\"]\n  outbound:\n    port: 15001\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.98.0.0/16\"]\n  dns:\n    enabled: true\n    port: 15053\n    captureAll: true\ncniMode: true\n",
+            ),
+        ],
+    ),
 ];
 
 fn annotations(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {

@@ -797,3 +797,58 @@ fn an_absurd_plan_is_refused_naming_the_annotation_and_nothing_is_applied() {
         );
     }
 }
+
+/// Kuma's own validator (the `kuma-validation` init container of CNI mode) passes on a pod
+/// sluice captured: as the sidecar's uid it listens on 127.0.0.1:15006 (`::1` for IPv6),
+/// dials 127.0.0.6:<port> (`::6`) from 127.0.0.1 and must land on its own listener — the
+/// proxy-calling-its-own-pod rule over `lo`.
+#[test]
+fn kumas_validator_passes_on_a_kuma_pod() {
+    let (topo, agent) = attached_with(
+        "kuma-validator",
+        &[POD_CIDR4, POD_CIDR6],
+        &[
+            ("kuma.io/sidecar-injected", "true"),
+            (
+                "traffic.kuma.io/transparent-proxy-config",
+                "kumaDPUser: \"5678\"\nipFamilyMode: dualstack\ncniMode: true\n",
+            ),
+        ],
+    );
+    let _v4 = Listener::start(&topo.pod, "127.0.0.1:15006", "validator");
+    let _v6 = Listener::start(&topo.pod, "[::1]:15006", "validator6");
+    assert_eq!(
+        connect_from(&topo.pod, 5678, 5678, Some("127.0.0.1"), "127.0.0.6:23456"),
+        Ok("validator orig=127.0.0.6:23456".to_owned())
+    );
+    assert_eq!(
+        connect_from(&topo.pod, 5678, 5678, Some("::1"), "[::6]:23456"),
+        Ok("validator6 orig=[::6]:23456".to_owned())
+    );
+    // Anyone else dialling the same lands nowhere (lo of other users is left alone).
+    assert!(
+        connect_from(
+            &topo.pod,
+            APP_UID,
+            APP_UID,
+            Some("127.0.0.1"),
+            "127.0.0.6:23456"
+        )
+        .is_err()
+    );
+    drop(agent);
+}
+
+/// Linkerd's own validator (`linkerd-network-validator`, the CNI mode's init container) passes
+/// on a pod sluice captured: it listens on 0.0.0.0:4140, dials an address outside the pod,
+/// and must read its own listener's answer back.
+#[test]
+fn linkerds_validator_passes_on_a_linkerd_pod() {
+    let (topo, agent) = attached("linkerd-validator", &[LINKERD]);
+    let _validator = Listener::start(&topo.pod, "0.0.0.0:4140", "validator-token");
+    assert_eq!(
+        connect_as(&topo.pod, APP_UID, APP_UID, "192.0.2.1:20001"),
+        Ok("validator-token orig=192.0.2.1:20001".to_owned())
+    );
+    drop(agent);
+}

@@ -127,8 +127,10 @@ fn main() -> anyhow::Result<()> {
         if out.outcome == Outcome::Skipped as i32 {
             println!("# skipped: {}", out.reason);
         } else {
+            let source = sluice::model::plan::Profile::source_annotation(&out.profile)
+                .map_or(String::new(), |a| format!(" (from {a})"));
             println!(
-                "# profile: {}  fingerprint: {}",
+                "# profile: {}{source}  fingerprint: {}",
                 out.profile, out.fingerprint
             );
             if *plan {

@@ -86,6 +86,10 @@ impl DeviceSetup {
                 Loopback::Istio {
                     passthrough_source6,
                     ..
+                }
+                | Loopback::Kuma {
+                    passthrough_source6,
+                    ..
                 } if plan.families.ipv6 => Some(passthrough_source6),
                 _ => None,
             },

@@ -91,6 +91,10 @@ impl RedirectPlan {
                     "istio tunnel_port={tunnel_port} source={passthrough_source} source6={passthrough_source6}"
                 ),
                 Loopback::IgnoreAll => "ignore-all".to_owned(),
+                Loopback::Kuma {
+                    passthrough_source,
+                    passthrough_source6,
+                } => format!("kuma source={passthrough_source} source6={passthrough_source6}"),
             },
         );
         out

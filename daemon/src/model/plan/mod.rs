@@ -4,6 +4,7 @@
 mod annotations;
 mod canonical;
 mod istio;
+mod kuma;
 mod linkerd;
 mod sysctls;
 mod values;
@@ -57,6 +58,7 @@ pub fn all_annotation_keys() -> Vec<&'static str> {
     let mut keys = native_keys().to_vec();
     keys.extend_from_slice(istio::keys());
     keys.extend_from_slice(linkerd::keys());
+    keys.extend_from_slice(kuma::keys());
     keys
 }
 
@@ -237,6 +239,13 @@ pub enum Loopback {
     },
     /// Linkerd: all egress over `lo` is left alone.
     IgnoreAll,
+    /// Kuma: Istio's handling of `lo` without a tunnel port; its OUTPUT order also puts the
+    /// outbound IP exclusions first and captures DNS over UDP only (TCP/53 of other users
+    /// returns), as kuma-cni's rules do.
+    Kuma {
+        passthrough_source: Ipv4Addr,
+        passthrough_source6: Ipv6Addr,
+    },
 }
 
 impl Loopback {
@@ -297,6 +306,8 @@ pub struct PlanDefaults {
     pub istio: bool,
     /// Read Linkerd's annotations (pods with `linkerd.io/proxy-version`).
     pub linkerd: bool,
+    /// Read Kuma's configuration (pods with `traffic.kuma.io/transparent-proxy-config`).
+    pub kuma: bool,
     /// Sysctls Kubernetes calls unsafe that pods on this node may set anyway (the node's
     /// consent, as kubelet's `--allowed-unsafe-sysctls`); see [`SYSCTL_ALLOW_LIST`].
     pub allowed_unsafe_sysctls: Vec<String>,
@@ -318,6 +329,7 @@ impl Default for PlanDefaults {
             tproxy_table: 133,
             istio: true,
             linkerd: true,
+            kuma: true,
             allowed_unsafe_sysctls: Vec::new(),
             native_overrides_on_mesh_pods: false,
         }
@@ -333,6 +345,22 @@ pub enum Profile {
     Istio,
     /// Linkerd's proxy annotations (`linkerd.io/*`, `config.linkerd.io/*`).
     Linkerd,
+    /// Kuma's transparent-proxy configuration (`traffic.kuma.io/transparent-proxy-config`).
+    Kuma,
+}
+
+impl Profile {
+    /// The annotation a profile's plan comes from (shown by `sluicectl explain`), by the
+    /// profile's name as [`Profile`] displays it.
+    pub fn source_annotation(name: &str) -> Option<&'static str> {
+        Some(match name {
+            "native" => REDIRECT,
+            "istio" => istio::STATUS,
+            "linkerd" => sluice_proto::annotations::LINKERD_PROXY_VERSION,
+            "kuma" => kuma::CONFIG,
+            _ => return None,
+        })
+    }
 }
 
 impl fmt::Display for Profile {
@@ -341,6 +369,7 @@ impl fmt::Display for Profile {
             Profile::Native => "native",
             Profile::Istio => "istio",
             Profile::Linkerd => "linkerd",
+            Profile::Kuma => "kuma",
         })
     }
 }
@@ -397,6 +426,8 @@ pub fn decide_for(
         Some(true) => true,
         None => false,
     };
+    // Kuma's `ipFamilyMode: ipv4` leaves IPv6 alone whatever the pod's addresses.
+    let mut kuma_ipv4_only = false;
     let base = if istio::injected(annotations) {
         if !defaults.istio {
             return Ok(Decision::Skip {
@@ -414,6 +445,19 @@ pub fn decide_for(
             });
         }
         Some((linkerd::plan(annotations)?, Profile::Linkerd))
+    } else if kuma::injected(annotations) {
+        if !defaults.kuma {
+            return Ok(Decision::Skip {
+                reason: "kuma profile is disabled in the agent configuration".into(),
+            });
+        }
+        match kuma::plan(annotations)? {
+            kuma::Kuma::Skip(reason) => return Ok(Decision::Skip { reason }),
+            kuma::Kuma::Capture { plan, ipv6 } => {
+                kuma_ipv4_only = !ipv6;
+                Some((plan, Profile::Kuma))
+            }
+        }
     } else if opted_in {
         Some((annotations::native_defaults(defaults), Profile::Native))
     } else {
@@ -427,6 +471,9 @@ pub fn decide_for(
         });
     };
     plan.families = families;
+    if kuma_ipv4_only {
+        plan.families.ipv6 = false;
+    }
     let ignored = if profile == Profile::Native || defaults.native_overrides_on_mesh_pods {
         annotations::apply_overrides(annotations, defaults, &mut plan)?;
         Vec::new()

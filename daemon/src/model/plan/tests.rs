@@ -873,3 +873,142 @@ fn fingerprints_come_from_a_canonical_versioned_text() {
             .replace("loopback=", "dns_port=15053\nloopback=")
     );
 }
+
+const KUMA_INJECTED: (&str, &str) = ("kuma.io/sidecar-injected", "true");
+const KUMA_CONFIG: &str = "traffic.kuma.io/transparent-proxy-config";
+
+fn kuma(config: &str, ips: &[IpAddr]) -> Result<Decision, PlanError> {
+    decide(
+        &ann(&[KUMA_INJECTED, (KUMA_CONFIG, config)]),
+        ips,
+        &PlanDefaults::default(),
+    )
+}
+
+fn kuma_plan(config: &str) -> RedirectPlan {
+    match kuma(config, POD_V4).expect("valid config") {
+        Decision::Capture {
+            plan,
+            profile: Profile::Kuma,
+            ..
+        } => plan,
+        other => panic!("{config}: expected a Kuma capture, got {other:?}"),
+    }
+}
+
+/// The configuration is loaded on top of Kuma's defaults, field by field.
+#[test]
+fn kuma_pods_get_kumas_defaults_and_their_own_fields() {
+    let p = kuma_plan("cniMode: true\n");
+    assert_eq!(
+        (p.outbound_port, p.inbound_port, p.proxy_uid, p.proxy_gid),
+        (15001, 15006, 5678, None)
+    );
+    assert_eq!(p.dns_port, None);
+    assert_eq!(p.loopback, Loopback::kuma());
+    let p = kuma_plan(
+        "kumaDPUser: \"5679\"\nredirect:\n  inbound:\n    port: 16006\n    excludePorts: [9001]\n    excludePortsForIPs: [\"10.1.0.0/16,fd00::1\"]\n  outbound:\n    port: 16001\n    includePorts: [80, 443, 3306]\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.2.0.1\"]\n  dns:\n    enabled: true\n    captureAll: true\ncniMode: true\n",
+    );
+    assert_eq!(
+        (p.inbound_port, p.outbound_port, p.proxy_uid),
+        (16006, 16001, 5679)
+    );
+    assert_eq!(p.exclude_inbound_ports, vec![9001]);
+    assert_eq!(
+        p.exclude_inbound_sources,
+        vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "fd00::1/128".parse().unwrap()
+        ]
+    );
+    // includePorts replaces the catch-all; an excluded port stays excluded.
+    assert_eq!(p.include_outbound_ports, vec![80, 443]);
+    assert_eq!(p.include_outbound_cidrs, Cidrs::Only(vec![]));
+    assert_eq!(
+        p.exclude_outbound_cidrs,
+        vec!["10.2.0.1/32".parse().unwrap()]
+    );
+    assert_eq!(p.dns_port, Some(15053));
+    // A numeric uid as a YAML number too; inbound disabled (gateways).
+    let p = kuma_plan("kumaDPUser: 5680\nredirect:\n  inbound:\n    enabled: false\n");
+    assert_eq!(p.proxy_uid, 5680);
+    assert_eq!(p.include_inbound_ports, Ports::Only(vec![]));
+}
+
+#[test]
+fn kuma_ip_family_mode_ipv4_leaves_ipv6_alone() {
+    let dual: &[IpAddr] = &["10.1.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+    let families = |config: &str| match kuma(config, dual).expect("valid") {
+        Decision::Capture { plan, .. } => plan.families,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(families("ipFamilyMode: dualstack\n"), Families::DUAL);
+    assert_eq!(families("ipFamilyMode: ipv4\n"), Families::IPV4);
+}
+
+/// kuma-cni's gate: the webhook's `kuma.io/sidecar-injected: "true"`, and CNI mode (with
+/// `cniMode: false` the webhook injected kuma-init, which captures the pod itself).
+#[test]
+fn kuma_pods_are_captured_only_where_kuma_cni_would_capture_them() {
+    let skip = |pairs: &[(&str, &str)]| match decide4(&ann(pairs), &PlanDefaults::default())
+        .expect("valid")
+    {
+        Decision::Skip { reason } => reason,
+        other => panic!("{pairs:?}: expected a skip, got {other:?}"),
+    };
+    assert!(skip(&[KUMA_INJECTED, (KUMA_CONFIG, "cniMode: false\n")]).contains("kuma-init"));
+    assert!(
+        skip(&[
+            ("kuma.io/sidecar-injected", "false"),
+            (KUMA_CONFIG, "cniMode: true\n")
+        ])
+        .contains("sidecar-injected")
+    );
+    assert!(skip(&[(KUMA_CONFIG, "cniMode: true\n")]).contains("mesh gate"));
+    let off = PlanDefaults {
+        kuma: false,
+        ..PlanDefaults::default()
+    };
+    let Decision::Skip { reason } =
+        decide4(&ann(&[KUMA_INJECTED, (KUMA_CONFIG, "{}")]), &off).expect("valid")
+    else {
+        panic!("a disabled profile skips")
+    };
+    assert!(reason.contains("agent configuration"), "{reason}");
+}
+
+/// A configuration that does not parse, or asks for rules sluice does not write, fails the
+/// ADD (code 7) naming the annotation and the field: a pod never starts captured differently
+/// from what its mesh configured.
+#[test]
+fn kuma_configs_sluice_cannot_honour_are_refused_naming_the_field() {
+    for (config, says) in [
+        ("redirect: [", "invalid type"),
+        ("ebpf:\n  enabled: true\n", "ebpf"),
+        ("kumaDPUser: kuma-dp\n", "numeric uid"),
+        ("ipFamilyMode: ipv6\n", "ipFamilyMode"),
+        ("redirect:\n  inbound:\n    port: 70000\n", "inbound"),
+        ("redirect:\n  dns:\n    enabled: true\n", "captureAll"),
+        (
+            "redirect:\n  outbound:\n    excludePortsForUIDs: [\"tcp:80:1000\"]\n",
+            "excludePortsForUIDs",
+        ),
+        (
+            "redirect:\n  outbound:\n    enabled: false\n",
+            "outbound.enabled",
+        ),
+        ("dropInvalidPackets: true\n", "dropInvalidPackets"),
+        (
+            "redirect:\n  vnet:\n    networks: [\"docker0:172.17.0.0/16\"]\n",
+            "vnet",
+        ),
+        (
+            "redirect:\n  outbound:\n    excludePortsForIPs: [\"10.0.0.300\"]\n",
+            "10.0.0.300",
+        ),
+    ] {
+        let e = kuma(config, POD_V4).expect_err(config);
+        assert_eq!(e.annotation, KUMA_CONFIG, "{config}");
+        assert!(e.reason.contains(says), "{config}: {e}");
+    }
+}

@@ -37,6 +37,10 @@ impl Fam {
                 passthrough_source,
                 passthrough_source6,
                 ..
+            }
+            | Loopback::Kuma {
+                passthrough_source,
+                passthrough_source6,
             } => Some(passthrough(passthrough_source, passthrough_source6)),
             Loopback::IgnoreAll => None,
         };
@@ -349,10 +353,37 @@ fn outbound(plan: &RedirectPlan, f: &Fam) -> Vec<Rule> {
     let lo = || Match::OifName(Op::Eq, "lo".to_owned());
     let owners = owners(plan);
     let mut rules = Vec::new();
+    let kuma = matches!(plan.loopback, Loopback::Kuma { .. });
+    if kuma {
+        // Kuma's OUTPUT: the excluded destinations return before anything, DNS included.
+        for net in plan.exclude_outbound_cidrs.iter().filter(|n| f.owns(n)) {
+            rules.push(rule([Match::Daddr(Op::Eq, *net)], Verdict::Return));
+        }
+    }
     // DNS capture comes first: the proxy's own lookups pass, everyone else's go to the DNS
     // port, over UDP and TCP, whatever the destination (the catch-all TCP redirect below would
     // otherwise send TCP/53 to the outbound port).
-    if let Some(dns_port) = plan.dns_port {
+    if let Some(dns_port) = plan.dns_port
+        && kuma
+    {
+        // Kuma: UDP only; TCP/53 of everyone but the proxy returns, uncaptured.
+        for (owner, _) in &owners {
+            rules.push(rule(
+                [Match::Dport(L4::Udp, Op::Eq, DNS), owner.clone()],
+                Verdict::Return,
+            ));
+        }
+        rules.push(rule(
+            [Match::Dport(L4::Udp, Op::Eq, DNS)],
+            Verdict::Redirect(dns_port),
+        ));
+        for (_, not_owner) in &owners {
+            rules.push(rule(
+                [Match::Dport(L4::Tcp, Op::Eq, DNS), not_owner.clone()],
+                Verdict::Return,
+            ));
+        }
+    } else if let Some(dns_port) = plan.dns_port {
         for l4 in [L4::Udp, L4::Tcp] {
             for (owner, _) in &owners {
                 rules.push(rule(
@@ -372,23 +403,28 @@ fn outbound(plan: &RedirectPlan, f: &Fam) -> Vec<Rule> {
             rule([Match::Dport(L4::Udp, Op::Eq, p)], Verdict::Return),
         ]
     });
+    let tunnel = match plan.loopback {
+        Loopback::Istio { tunnel_port, .. } => Some(tunnel_port),
+        _ => None,
+    };
     match plan.loopback {
-        Loopback::Istio { tunnel_port, .. } => {
+        Loopback::Istio { .. } | Loopback::Kuma { .. } => {
             rules.extend(excluded_ports);
             if let Some(src) = f.passthrough {
                 rules.push(rule([lo(), Match::Saddr(Op::Eq, src)], Verdict::Return));
             }
             let keep_lo_return = !includes_loopback(&plan.include_outbound_cidrs, f);
             for (owner, not_owner) in owners {
-                rules.push(rule(
-                    [
-                        lo(),
-                        Match::Daddr(Op::Ne, f.localhost),
-                        Match::Dport(L4::Tcp, Op::Ne, tunnel_port),
-                        owner.clone(),
-                    ],
-                    Verdict::Redirect(plan.inbound_port),
-                ));
+                let mut looped = vec![lo(), Match::Daddr(Op::Ne, f.localhost)];
+                match tunnel {
+                    Some(tunnel_port) => looped.push(Match::Dport(L4::Tcp, Op::Ne, tunnel_port)),
+                    None => looped.push(Match::L4Proto(L4::Tcp)),
+                }
+                looped.push(owner.clone());
+                rules.push(Rule {
+                    matches: looped,
+                    verdict: Verdict::Redirect(plan.inbound_port),
+                });
                 if keep_lo_return {
                     rules.push(rule([lo(), not_owner], Verdict::Return));
                 }
@@ -406,8 +442,10 @@ fn outbound(plan: &RedirectPlan, f: &Fam) -> Vec<Rule> {
             rules.extend(excluded_ports);
         }
     }
-    for net in plan.exclude_outbound_cidrs.iter().filter(|n| f.owns(n)) {
-        rules.push(rule([Match::Daddr(Op::Eq, *net)], Verdict::Return));
+    if !kuma {
+        for net in plan.exclude_outbound_cidrs.iter().filter(|n| f.owns(n)) {
+            rules.push(rule([Match::Daddr(Op::Eq, *net)], Verdict::Return));
+        }
     }
     let to_outbound = Verdict::Redirect(plan.outbound_port);
     rules.extend(
