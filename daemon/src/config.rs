@@ -98,7 +98,7 @@ pub struct FileConfig {
     /// TPROXY packet mark and routing table when a pod names none (default 1337, 133).
     pub tproxy_mark: Option<u32>,
     pub tproxy_table: Option<u32>,
-    /// Mesh profiles to read annotations of (default: all): "istio", "linkerd", "kuma".
+    /// Mesh profiles to read annotations of (default: all): "istio", "linkerd", "kuma", "consul".
     pub profiles: Option<Vec<String>>,
     /// CRI socket path, or `off`.
     pub cri_socket: Option<String>,
@@ -189,11 +189,13 @@ impl FileConfig {
             .profiles
             .iter()
             .flatten()
-            .find(|p| !["istio", "linkerd", "kuma"].contains(&p.as_str()))
+            .find(|p| !["istio", "linkerd", "kuma", "consul"].contains(&p.as_str()))
         {
             return Err(ConfigError::Invalid {
                 path: path.into(),
-                message: format!("unknown profile {unknown:?} (known: istio, linkerd, kuma)"),
+                message: format!(
+                    "unknown profile {unknown:?} (known: istio, linkerd, kuma, consul)"
+                ),
             });
         }
         Ok(file)
@@ -245,6 +247,7 @@ impl FileConfig {
             p.istio = v.iter().any(|s| s == "istio");
             p.linkerd = v.iter().any(|s| s == "linkerd");
             p.kuma = v.iter().any(|s| s == "kuma");
+            p.consul = v.iter().any(|s| s == "consul");
         }
         if let Some(v) = self.allowed_unsafe_sysctls {
             p.allowed_unsafe_sysctls = v;

@@ -89,7 +89,7 @@ pub struct Metrics {
     /// any verb runs; the plugin answers them with code 102.
     pub refused_peers: Counter,
     /// Attaches of mesh pods that carried native `sluice.dev/*` overrides the node does not
-    /// apply to mesh pods, by profile (`istio`, `linkerd`, `kuma`).
+    /// apply to mesh pods, by profile (`istio`, `linkerd`, `kuma`, `consul`).
     pub native_overrides_ignored: Family<Profile, Counter>,
     rss_bytes: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,

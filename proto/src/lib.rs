@@ -183,9 +183,17 @@ pub mod annotations {
     /// Written by Kuma's webhook (≥ 2.9) on every pod it injects: the transparent-proxy
     /// configuration, YAML.
     pub const KUMA_CONFIG: &str = "traffic.kuma.io/transparent-proxy-config";
+    /// Written by consul-k8s's webhook for its CNI plugin on every transparent-proxy pod: the
+    /// redirect configuration, JSON.
+    pub const CONSUL_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";
     /// Mesh annotations whose presence forwards a pod (the agent decides whether the profile
     /// is enabled).
-    pub const PROFILE_TRIGGERS: [&str; 3] = [ISTIO_STATUS, LINKERD_PROXY_VERSION, KUMA_CONFIG];
+    pub const PROFILE_TRIGGERS: [&str; 4] = [
+        ISTIO_STATUS,
+        LINKERD_PROXY_VERSION,
+        KUMA_CONFIG,
+        CONSUL_CONFIG,
+    ];
 
     /// Whether these pod annotations ask for sluice: `sluice.dev/redirect` with any value but
     /// `disabled` (a typo in the value is then rejected by the agent instead of silently

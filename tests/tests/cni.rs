@@ -725,3 +725,68 @@ fn kuma_pods_are_captured_only_where_kuma_cni_would_capture_them() {
     assert_eq!(run.exit, 0, "{run:?}");
     assert_eq!(old.sluice_table(), None);
 }
+
+/// consul-cni's gate through the real plugin and agent: a transparent-proxy pod is captured
+/// (its DNS redirect, a DNAT, reads back equal: CHECK is clean); without the
+/// transparent-proxy status it is left alone; a configuration that does not parse fails the
+/// ADD with code 7 naming the annotation; a pod without the configuration (consul-k8s
+/// without its CNI: its init container captures it) never reaches the agent.
+#[test]
+fn consul_pods_are_captured_only_where_consul_cni_would_capture_them() {
+    require_root();
+    let agent = Agent::start("consul-gate");
+    let prev = prev_result("1.0.0");
+    let config = (
+        "consul.hashicorp.com/redirect-traffic-config",
+        r#"{"ConsulDNSIP":"","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":["20200"],"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":null,"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#,
+    );
+    let inject = ("consul.hashicorp.com/connect-inject-status", "injected");
+    let tproxy = ("consul.hashicorp.com/transparent-proxy-status", "enabled");
+    let bad = (
+        "consul.hashicorp.com/redirect-traffic-config",
+        "{\"ProxyUserID\":",
+    );
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<u64>, bool);
+    let cases: [Case; 3] = [
+        ("consul-tproxy", vec![inject, tproxy, config], None, true),
+        ("consul-no-tproxy", vec![inject, config], None, false),
+        ("consul-bad", vec![inject, tproxy, bad], Some(7), false),
+    ];
+    for (name, annotations, code, captured) in cases {
+        let ns = Netns::new(&format!("sl-{name}"));
+        let stdin = conf("1.0.0", &agent.socket_str(), &annotations, Some(&prev));
+        let run = cni("ADD", name, &ns.path(), &stdin);
+        match code {
+            None => assert_eq!(run.exit, 0, "{name}: {run:?}"),
+            Some(code) => {
+                assert_eq!(run.error_code(), code, "{name}: {run:?}");
+                assert!(run.stdout.contains("redirect-traffic-config"), "{run:?}");
+            }
+        }
+        assert_eq!(ns.sluice_table().is_some(), captured, "{name}");
+        if captured {
+            let table = ns.sluice_table().unwrap_or_default();
+            assert!(
+                table.contains("dnat ip to 127.0.0.1:8600")
+                    && table.contains("meta skuid 5996 return"),
+                "{table}"
+            );
+            let check = cni("CHECK", name, &ns.path(), &stdin);
+            assert_eq!(
+                check.exit, 0,
+                "{name}: the table reads back as planned: {check:?}"
+            );
+        }
+        assert_eq!(cni("DEL", name, &ns.path(), &stdin).exit, 0, "{name}");
+    }
+    let init = Netns::new("sl-consul-init");
+    let stdin = conf(
+        "1.0.0",
+        "/nonexistent/agent.sock",
+        &[inject, tproxy],
+        Some(&prev),
+    );
+    let run = cni("ADD", "consul-init", &init.path(), &stdin);
+    assert_eq!(run.exit, 0, "{run:?}");
+    assert_eq!(init.sluice_table(), None);
+}

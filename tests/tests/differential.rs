@@ -22,10 +22,11 @@ const LINKERD: (&str, &str) = ("linkerd.io/proxy-version", "stable-2.14.10");
 /// Listeners in both pods, on every port any case uses (labelled by side and port).
 const POD_PORTS: &[u16] = &[
     15001, 15006, 4140, 4143, 8080, 8081, 9000, 15008, 15020, 15021, 15090, 4190, 4191, 1111, 2222,
+    20000, 8600,
 ];
 const PEER_PORTS: &[u16] = &[8080, 9090, 15020, 5555, 6666, 3306, 53];
 /// UDP responders: the DNS port in the pod, DNS on the peer.
-const POD_UDP_PORTS: &[u16] = &[15053];
+const POD_UDP_PORTS: &[u16] = &[15053, 8600];
 const PEER_UDP_PORTS: &[u16] = &[53];
 
 /// (who, uid, gid, source, destination); a source of `udp` sends a UDP datagram instead.
@@ -46,14 +47,16 @@ fn probes() -> Vec<Probe> {
         "10.99.0.2:8080",
         "10.99.0.2:15008",
         "10.99.0.1:53",
+        "127.0.0.1:53",
     ];
-    // The apps' uid, Istio's proxy uid and gid, Linkerd's, Kuma's, root.
+    // The apps' uid, Istio's proxy uid and gid, Linkerd's, Kuma's, Consul's, root.
     let owners = [
         (1000, 1000),
         (1337, 1000),
         (1000, 1337),
         (2102, 1000),
         (5678, 1000),
+        (5995, 1000),
         (0, 0),
     ];
     for (uid, gid) in owners {
@@ -62,6 +65,7 @@ fn probes() -> Vec<Probe> {
         }
         // DNS over UDP (the DNS port in the pod answers when captured, the peer's otherwise).
         out.push(("pod", uid, gid, Some("udp"), "10.99.0.1:53".to_owned()));
+        out.push(("pod", uid, gid, Some("udp"), "127.0.0.1:53".to_owned()));
     }
     out.push((
         "pod",
@@ -104,12 +108,14 @@ fn probes() -> Vec<Probe> {
         "[::1]:9000",
         "[fd00:99::2]:8080",
         "[fd00:99::2]:15008",
+        "[::1]:53",
     ];
     for (uid, gid) in [
         (1000, 1000),
         (1337, 1000),
         (1000, 1337),
         (5678, 1000),
+        (5995, 1000),
         (0, 0),
     ] {
         for to in outbound6 {
@@ -267,8 +273,38 @@ fn differential_with(
     let mut mismatches = Vec::new();
     let mut redirected = 0;
     let all = probes();
-    for probe in &all {
-        let (want, got) = (reference_side.fate(probe), sluice_side.fate(probe));
+    // Both sides at once, the probes spread over threads: a probe that is dropped waits for
+    // its timeout (3 s for TCP, 2 s for UDP), and some configurations drop several (a DNAT of
+    // 127.0.0.1's queries to a remote address is a martian, on both sides).
+    let fates = |side: &Side| -> Vec<String> {
+        const THREADS: usize = 24;
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let all = &all;
+                    s.spawn(move || {
+                        (t..all.len())
+                            .step_by(THREADS)
+                            .map(|i| (i, side.fate(&all[i])))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut out = vec![String::new(); all.len()];
+            for w in workers {
+                for (i, fate) in w.join().expect("probe thread") {
+                    out[i] = fate;
+                }
+            }
+            out
+        })
+    };
+    let (wants, gots) = std::thread::scope(|s| {
+        let reference = s.spawn(|| fates(&reference_side));
+        let sluiced = fates(&sluice_side);
+        (reference.join().expect("reference probes"), sluiced)
+    });
+    for ((probe, want), got) in all.iter().zip(wants).zip(gots) {
         if want.contains("orig=") && !want.ends_with("orig=-") {
             redirected += 1;
         }
@@ -488,5 +524,49 @@ fn kuma_dns_and_exclusions() {
             ("kuma.io/sidecar-injected", "true"),
             ("traffic.kuma.io/transparent-proxy-config", &config),
         ],
+    );
+}
+
+/// What consul-k8s's webhook writes on a transparent-proxy pod when its CNI plugin runs:
+/// the inject and transparent-proxy statuses and the redirect configuration (JSON of the Go
+/// struct, Go field names).
+fn consul(config: &'static str, dual_stack: bool) -> Vec<(&'static str, &'static str)> {
+    let mut ann = vec![
+        ("consul.hashicorp.com/connect-inject-status", "injected"),
+        ("consul.hashicorp.com/transparent-proxy-status", "enabled"),
+        ("consul.hashicorp.com/redirect-traffic-config", config),
+    ];
+    if dual_stack {
+        ann.push(("consul.hashicorp.com/dual-stack", "true"));
+    }
+    ann
+}
+
+const CONSUL_DEFAULT: &str = r#"{"ConsulDNSIP":"","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":null,"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":null,"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#;
+
+#[test]
+fn consul_default() {
+    differential("cd", "consul-default.ipt", &consul(CONSUL_DEFAULT, false));
+}
+
+#[test]
+fn consul_exclusions_and_dns_by_address() {
+    differential(
+        "cex",
+        "consul-exclusions.ipt",
+        &consul(
+            r#"{"ConsulDNSIP":"10.98.0.1","ConsulDNSPort":0,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":["8081","15020"],"ExcludeOutboundPorts":["3306","5555:5556"],"ExcludeOutboundCIDRs":["10.98.0.0/16"],"ExcludeUIDs":["5996","2102"],"NetNS":"","IptablesProvider":null}"#,
+            false,
+        ),
+    );
+}
+
+#[test]
+fn consul_dual_stack() {
+    differential_with(
+        "cd6",
+        &["consul-dual.ipt", "consul-dual.ip6t"],
+        &[POD_CIDR4, POD_CIDR6],
+        &consul(CONSUL_DEFAULT, true),
     );
 }

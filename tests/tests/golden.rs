@@ -122,6 +122,31 @@ const CASES: &[Case] = &[
             ),
         ],
     ),
+    (
+        "consul-profile",
+        V4,
+        &[
+            ("consul.hashicorp.com/connect-inject-status", "injected"),
+            ("consul.hashicorp.com/transparent-proxy-status", "enabled"),
+            (
+                "consul.hashicorp.com/redirect-traffic-config",
+                r#"{"ConsulDNSIP":"","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":["20200"],"ExcludeOutboundPorts":["3306"],"ExcludeOutboundCIDRs":["10.98.0.0/16"],"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#,
+            ),
+        ],
+    ),
+    (
+        "consul-dual",
+        DUAL,
+        &[
+            ("consul.hashicorp.com/connect-inject-status", "injected"),
+            ("consul.hashicorp.com/transparent-proxy-status", "enabled"),
+            ("consul.hashicorp.com/dual-stack", "true"),
+            (
+                "consul.hashicorp.com/redirect-traffic-config",
+                r#"{"ConsulDNSIP":"10.96.0.10","ConsulDNSPort":0,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":null,"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":null,"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#,
+            ),
+        ],
+    ),
 ];
 
 fn annotations(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {

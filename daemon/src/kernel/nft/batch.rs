@@ -10,7 +10,7 @@ use nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField};
 use nftnl::expr::{TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict as NftVerdict};
 use nftnl::{Batch, ChainType, FinalizedBatch, MsgType, ProtoFamily};
 
-use super::ffi::{Redir, TableMsg, Tproxy};
+use super::ffi::{Dnat, Redir, TableMsg, Tproxy};
 use crate::model::ruleset::{
     self, Family, Hook, Kind, L4, Match, OWNER_CHAIN, Op, Owner, Ruleset, TABLE, Verdict,
 };
@@ -241,6 +241,25 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
             r.add_expr(&Meta::Mark { set: true });
         }
         Verdict::Drop => r.add_expr(&NftVerdict::Drop),
+        Verdict::Dnat { addr, port } => {
+            let family = match addr {
+                IpAddr::V4(a) => {
+                    r.add_expr(&Immediate::new(a.octets(), Register::Reg1));
+                    Family::V4
+                }
+                IpAddr::V6(a) => {
+                    r.add_expr(&Immediate::new(a.octets(), Register::Reg1));
+                    Family::V6
+                }
+            };
+            if let Some(port) = port {
+                r.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg2));
+            }
+            r.add_expr(&Dnat {
+                family: u32::from(nfproto(family)),
+                port: port.is_some(),
+            });
+        }
     }
     r
 }

@@ -15,6 +15,8 @@ use nftnl::{MsgType, ProtoFamily, Rule, expr::Expression};
 
 /// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port (what `nft` sets for `to :PORT`).
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+/// `NF_NAT_RANGE_MAP_IPS`: a NAT to an address (the kernel sets it for any address register).
+const NF_NAT_RANGE_MAP_IPS: u32 = 0x1;
 
 /// Aborts like nftnl does on allocation failure: a tiny malloc failing leaves nothing sane to do.
 fn alloc<T>(ptr: *mut T) -> NonNull<T> {
@@ -50,6 +52,43 @@ impl Expression for Redir {
                 NF_NAT_RANGE_PROTO_SPECIFIED,
             );
         }
+        expr
+    }
+}
+
+/// `dnat ip|ip6 to ADDR[:PORT]`, reading the address from register 1 and the port (network
+/// byte order) from register 2, which the caller fills with `Immediate`s first. nftnl 0.9's
+/// `Nat` sets neither the max registers nor the flags, which the kernel fills in and dumps
+/// back (addr_max = addr_min, proto_max = proto_min, flags MAP_IPS | PROTO_SPECIFIED): a rule
+/// it built would never read back equal to the batch, and `Check` would report drift.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dnat {
+    /// `NFPROTO_IPV4` or `NFPROTO_IPV6`: the address's family.
+    pub family: u32,
+    /// Whether register 2 holds a port.
+    pub port: bool,
+}
+
+impl Expression for Dnat {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // Safety: as for `Redir`: NUL-terminated literal, NULL checked, ownership to the rule.
+        let expr = alloc(unsafe { sys::nftnl_expr_alloc(c"nat".as_ptr()) });
+        let (addr, port) = (libc::NFT_REG_1 as u32, libc::NFT_REG_2 as u32);
+        let mut flags = NF_NAT_RANGE_MAP_IPS;
+        let set = |attr: u32, value: u32| {
+            // Safety: `expr` is a live nat expression; every attribute set here is a u32.
+            unsafe { sys::nftnl_expr_set_u32(expr.as_ptr(), attr as u16, value) }
+        };
+        set(sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32);
+        set(sys::NFTNL_EXPR_NAT_FAMILY, self.family);
+        set(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, addr);
+        set(sys::NFTNL_EXPR_NAT_REG_ADDR_MAX, addr);
+        if self.port {
+            set(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, port);
+            set(sys::NFTNL_EXPR_NAT_REG_PROTO_MAX, port);
+            flags |= NF_NAT_RANGE_PROTO_SPECIFIED;
+        }
+        set(sys::NFTNL_EXPR_NAT_FLAGS, flags);
         expr
     }
 }

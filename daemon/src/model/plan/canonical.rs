@@ -71,6 +71,18 @@ impl RedirectPlan {
                 line(key, value);
             }
         }
+        if !self.exclude_outbound_uids.is_empty() {
+            line("exclude_outbound_uids", join(&self.exclude_outbound_uids));
+        }
+        if let Some(dns) = self.consul_dns {
+            line(
+                "consul_dns",
+                match dns.port {
+                    Some(port) => format!("{}:{port}", dns.ip),
+                    None => dns.ip.to_string(),
+                },
+            );
+        }
         if let Cidrs::Only(cidrs) = &self.include_outbound_cidrs {
             line("include_outbound_cidrs", format!("only {}", join(cidrs)));
         }
@@ -95,6 +107,7 @@ impl RedirectPlan {
                     passthrough_source,
                     passthrough_source6,
                 } => format!("kuma source={passthrough_source} source6={passthrough_source6}"),
+                Loopback::Consul => "consul".to_owned(),
             },
         );
         out

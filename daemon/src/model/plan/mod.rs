@@ -3,6 +3,7 @@
 
 mod annotations;
 mod canonical;
+mod consul;
 mod istio;
 mod kuma;
 mod linkerd;
@@ -10,7 +11,6 @@ mod sysctls;
 mod values;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
@@ -24,6 +24,7 @@ pub use sysctls::{SYSCTL_ALLOW_LIST, Safety, SysctlValue};
 /// are far smaller. Checked before anything is applied.
 pub const MAX_RULES: usize = 8192;
 
+pub use consul::DNS6 as CONSUL_DNS6;
 pub use values::MAX_LIST_ITEMS;
 
 /// The error for a plan of `rules` rules, more than [`MAX_RULES`]: it names the list
@@ -59,6 +60,7 @@ pub fn all_annotation_keys() -> Vec<&'static str> {
     keys.extend_from_slice(istio::keys());
     keys.extend_from_slice(linkerd::keys());
     keys.extend_from_slice(kuma::keys());
+    keys.extend_from_slice(consul::keys());
     keys
 }
 
@@ -213,6 +215,11 @@ pub struct RedirectPlan {
     pub include_outbound_cidrs: Cidrs,
     /// Outbound destinations that are never redirected.
     pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Users whose outbound traffic is never redirected besides the proxy (Consul's
+    /// `ExcludeUIDs`).
+    pub exclude_outbound_uids: Vec<u32>,
+    /// Consul's DNS redirection (DNAT to Consul's DNS address), instead of `dns_port`.
+    pub consul_dns: Option<ConsulDns>,
     /// Traffic in or out of these interfaces is left alone.
     pub exclude_interfaces: Vec<String>,
     /// DNS capture: UDP and TCP to port 53 from non-proxy users goes to this port.
@@ -221,6 +228,16 @@ pub struct RedirectPlan {
     pub sysctls: Vec<(String, String)>,
     /// What happens to traffic over `lo`.
     pub loopback: Loopback,
+}
+
+/// Consul's DNS redirection (`sdk/iptables`): with a port, UDP and TCP to `ip`:53 go to
+/// `ip:port`; without one, every UDP and TCP query to port 53 goes to `ip`. Everyone's,
+/// the proxy's too. In a dual-stack pod only IPv6 queries are redirected, to `::1`, as
+/// Consul's two passes do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConsulDns {
+    pub ip: Ipv4Addr,
+    pub port: Option<u16>,
 }
 
 /// Loopback handling, where Istio and Linkerd differ.
@@ -246,6 +263,9 @@ pub enum Loopback {
         passthrough_source: Ipv4Addr,
         passthrough_source6: Ipv6Addr,
     },
+    /// Consul: no special case for `lo` (only 127.0.0.1 / ::1 returns); the excluded users,
+    /// destinations and ports return before the proxy's uid, as in `CONSUL_PROXY_OUTPUT`.
+    Consul,
 }
 
 impl Loopback {
@@ -282,6 +302,8 @@ impl RedirectPlan {
             include_outbound_ports: Vec::new(),
             include_outbound_cidrs: Cidrs::All,
             exclude_outbound_cidrs: Vec::new(),
+            exclude_outbound_uids: Vec::new(),
+            consul_dns: None,
             exclude_interfaces: Vec::new(),
             dns_port: None,
             sysctls: Vec::new(),
@@ -308,6 +330,8 @@ pub struct PlanDefaults {
     pub linkerd: bool,
     /// Read Kuma's configuration (pods with `traffic.kuma.io/transparent-proxy-config`).
     pub kuma: bool,
+    /// Read Consul's configuration (pods with `consul.hashicorp.com/redirect-traffic-config`).
+    pub consul: bool,
     /// Sysctls Kubernetes calls unsafe that pods on this node may set anyway (the node's
     /// consent, as kubelet's `--allowed-unsafe-sysctls`); see [`SYSCTL_ALLOW_LIST`].
     pub allowed_unsafe_sysctls: Vec<String>,
@@ -330,162 +354,15 @@ impl Default for PlanDefaults {
             istio: true,
             linkerd: true,
             kuma: true,
+            consul: true,
             allowed_unsafe_sysctls: Vec::new(),
             native_overrides_on_mesh_pods: false,
         }
     }
 }
 
-/// Which annotation set a plan came from (shown by `sluicectl explain` and recorded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Profile {
-    /// `sluice.dev/*` annotations.
-    Native,
-    /// Istio's sidecar annotations (`sidecar.istio.io/*`, `traffic.sidecar.istio.io/*`).
-    Istio,
-    /// Linkerd's proxy annotations (`linkerd.io/*`, `config.linkerd.io/*`).
-    Linkerd,
-    /// Kuma's transparent-proxy configuration (`traffic.kuma.io/transparent-proxy-config`).
-    Kuma,
-}
-
-impl Profile {
-    /// The annotation a profile's plan comes from (shown by `sluicectl explain`), by the
-    /// profile's name as [`Profile`] displays it.
-    pub fn source_annotation(name: &str) -> Option<&'static str> {
-        Some(match name {
-            "native" => REDIRECT,
-            "istio" => istio::STATUS,
-            "linkerd" => sluice_proto::annotations::LINKERD_PROXY_VERSION,
-            "kuma" => kuma::CONFIG,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Profile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Profile::Native => "native",
-            Profile::Istio => "istio",
-            Profile::Linkerd => "linkerd",
-            Profile::Kuma => "kuma",
-        })
-    }
-}
-
-/// What to do with a pod.
-// One Decision exists per request and is matched right away; boxing the plan would only add
-// an allocation.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Program this plan.
-    Capture {
-        plan: RedirectPlan,
-        profile: Profile,
-        /// Native `sluice.dev/*` annotations present on a mesh pod and not applied (see
-        /// [`PlanDefaults::native_overrides_on_mesh_pods`]); empty otherwise.
-        ignored: Vec<String>,
-    },
-    /// Leave the pod alone, for this reason.
-    Skip { reason: String },
-}
-
-/// Decides a pod's capture from its annotations and addresses. Pure: same input, same output.
-/// See [`decide_for`]; the families are those of `pod_ips` (both when there are none).
-pub fn decide(
-    annotations: &BTreeMap<String, String>,
-    pod_ips: &[IpAddr],
-    defaults: &PlanDefaults,
-) -> Result<Decision, PlanError> {
-    decide_for(annotations, Families::of(pod_ips), defaults)
-}
-
-/// Decides a pod's capture from its annotations and the IP families of its addresses (of all
-/// its attachments). Pure: same input, same output.
-///
-/// The captured IP families are `families` unless `sluice.dev/ip-families` names them.
-///
-/// `sluice.dev/redirect: disabled` always skips. Otherwise a pod injected by a mesh whose
-/// profile is enabled gets that mesh's plan, and a pod with `sluice.dev/redirect: enabled`
-/// gets the native defaults. Every other `sluice.dev/*` annotation present overrides the
-/// corresponding field of a native plan; on a mesh pod only where the node allows it
-/// ([`PlanDefaults::native_overrides_on_mesh_pods`]), and otherwise they are listed as ignored.
-pub fn decide_for(
-    annotations: &BTreeMap<String, String>,
-    families: Families,
-    defaults: &PlanDefaults,
-) -> Result<Decision, PlanError> {
-    let opted_in = match annotations::redirect(annotations)? {
-        Some(false) => {
-            return Ok(Decision::Skip {
-                reason: format!("{REDIRECT} is disabled"),
-            });
-        }
-        Some(true) => true,
-        None => false,
-    };
-    // Kuma's `ipFamilyMode: ipv4` leaves IPv6 alone whatever the pod's addresses.
-    let mut kuma_ipv4_only = false;
-    let base = if istio::injected(annotations) {
-        if !defaults.istio {
-            return Ok(Decision::Skip {
-                reason: "istio profile is disabled in the agent configuration".into(),
-            });
-        }
-        if let Some(reason) = istio::gate(annotations)? {
-            return Ok(Decision::Skip { reason });
-        }
-        istio::plan(annotations, defaults)?.map(|p| (p, Profile::Istio))
-    } else if linkerd::injected(annotations) {
-        if !defaults.linkerd {
-            return Ok(Decision::Skip {
-                reason: "linkerd profile is disabled in the agent configuration".into(),
-            });
-        }
-        Some((linkerd::plan(annotations)?, Profile::Linkerd))
-    } else if kuma::injected(annotations) {
-        if !defaults.kuma {
-            return Ok(Decision::Skip {
-                reason: "kuma profile is disabled in the agent configuration".into(),
-            });
-        }
-        match kuma::plan(annotations)? {
-            kuma::Kuma::Skip(reason) => return Ok(Decision::Skip { reason }),
-            kuma::Kuma::Capture { plan, ipv6 } => {
-                kuma_ipv4_only = !ipv6;
-                Some((plan, Profile::Kuma))
-            }
-        }
-    } else if opted_in {
-        Some((annotations::native_defaults(defaults), Profile::Native))
-    } else {
-        return Ok(Decision::Skip {
-            reason: format!("no {REDIRECT} annotation and no enabled mesh profile matches"),
-        });
-    };
-    let Some((mut plan, profile)) = base else {
-        return Ok(Decision::Skip {
-            reason: "the mesh's interception mode is NONE".into(),
-        });
-    };
-    plan.families = families;
-    if kuma_ipv4_only {
-        plan.families.ipv6 = false;
-    }
-    let ignored = if profile == Profile::Native || defaults.native_overrides_on_mesh_pods {
-        annotations::apply_overrides(annotations, defaults, &mut plan)?;
-        Vec::new()
-    } else {
-        annotations::overrides_present(annotations)
-    };
-    Ok(Decision::Capture {
-        plan,
-        profile,
-        ignored,
-    })
-}
+mod decide;
+pub use decide::{Decision, Profile, decide, decide_for};
 
 #[cfg(test)]
 mod tests;

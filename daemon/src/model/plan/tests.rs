@@ -1012,3 +1012,149 @@ fn kuma_configs_sluice_cannot_honour_are_refused_naming_the_field() {
         assert!(e.reason.contains(says), "{config}: {e}");
     }
 }
+
+const CONSUL_CONFIG: &str = "consul.hashicorp.com/redirect-traffic-config";
+const CONSUL_BASE: &str = r#"{"ConsulDNSIP":"","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":["20200","9000:9002"],"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":["10.0.0.0/8"],"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}"#;
+
+fn consul(pairs: &[(&str, &str)], ips: &[IpAddr]) -> Result<Decision, PlanError> {
+    let mut all = vec![
+        ("consul.hashicorp.com/connect-inject-status", "injected"),
+        ("consul.hashicorp.com/transparent-proxy-status", "enabled"),
+    ];
+    all.extend_from_slice(pairs);
+    decide(&ann(&all), ips, &PlanDefaults::default())
+}
+
+#[test]
+fn consul_pods_get_their_redirect_config() {
+    let Decision::Capture {
+        plan: p, profile, ..
+    } = consul(&[(CONSUL_CONFIG, CONSUL_BASE)], POD_V4).expect("valid")
+    else {
+        panic!("captured")
+    };
+    assert_eq!(profile, Profile::Consul);
+    assert_eq!(
+        (p.outbound_port, p.inbound_port, p.proxy_uid, p.proxy_gid),
+        (15001, 20000, 5995, None)
+    );
+    // `a:b` ranges expand; the excluded users, networks; DNS to 127.0.0.1:8600.
+    assert_eq!(p.exclude_inbound_ports, vec![20200, 9000, 9001, 9002]);
+    assert_eq!(p.exclude_outbound_uids, vec![5996]);
+    assert_eq!(
+        p.exclude_outbound_cidrs,
+        vec!["10.0.0.0/8".parse().unwrap()]
+    );
+    assert_eq!(
+        p.consul_dns,
+        Some(ConsulDns {
+            ip: std::net::Ipv4Addr::LOCALHOST,
+            port: Some(8600)
+        })
+    );
+    assert_eq!(p.loopback, Loopback::Consul);
+}
+
+/// Without `consul.hashicorp.com/dual-stack: "true"` (injectors before consul-k8s's dual-stack
+/// support write none) a pod is captured over IPv4 only, as consul-cni did for it.
+#[test]
+fn consul_dual_stack_decides_ipv6() {
+    let dual: &[IpAddr] = &["10.1.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+    let families = |extra: &[(&str, &str)]| {
+        let mut pairs = vec![(CONSUL_CONFIG, CONSUL_BASE)];
+        pairs.extend_from_slice(extra);
+        match consul(&pairs, dual).expect("valid") {
+            Decision::Capture { plan, .. } => plan.families,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(families(&[]), Families::IPV4);
+    assert_eq!(
+        families(&[("consul.hashicorp.com/dual-stack", "false")]),
+        Families::IPV4
+    );
+    assert_eq!(
+        families(&[("consul.hashicorp.com/dual-stack", "true")]),
+        Families::DUAL
+    );
+}
+
+/// consul-cni's gate: an inject status and a transparent-proxy status, both set.
+#[test]
+fn consul_pods_are_captured_only_where_consul_cni_would_capture_them() {
+    let skip = |pairs: &[(&str, &str)]| match decide4(&ann(pairs), &PlanDefaults::default())
+        .expect("valid")
+    {
+        Decision::Skip { reason } => reason,
+        other => panic!("{pairs:?}: expected a skip, got {other:?}"),
+    };
+    let reason = skip(&[
+        (CONSUL_CONFIG, CONSUL_BASE),
+        ("consul.hashicorp.com/connect-inject-status", "injected"),
+    ]);
+    assert!(reason.contains("transparent-proxy-status"), "{reason}");
+    let reason = skip(&[
+        (CONSUL_CONFIG, CONSUL_BASE),
+        ("consul.hashicorp.com/transparent-proxy-status", "enabled"),
+    ]);
+    assert!(reason.contains("inject-status"), "{reason}");
+    // The v2 (mesh) inject status counts too.
+    assert!(matches!(
+        decide4(
+            &ann(&[
+                (CONSUL_CONFIG, CONSUL_BASE),
+                ("consul.hashicorp.com/mesh-inject-status", "injected"),
+                ("consul.hashicorp.com/transparent-proxy-status", "enabled"),
+            ]),
+            &PlanDefaults::default()
+        ),
+        Ok(Decision::Capture {
+            profile: Profile::Consul,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn consul_configs_that_do_not_parse_are_refused_naming_the_field() {
+    for (config, says) in [
+        ("not json", "expected"),
+        (
+            r#"{"ProxyUserID":"envoy","ProxyInboundPort":20000,"ProxyOutboundPort":15001}"#,
+            "ProxyUserID",
+        ),
+        (
+            r#"{"ProxyUserID":"5995","ProxyInboundPort":0,"ProxyOutboundPort":15001}"#,
+            "ProxyInboundPort",
+        ),
+        (
+            r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":["9:1"]}"#,
+            "empty range",
+        ),
+        (
+            r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeOutboundCIDRs":["10.0.0.0/33"]}"#,
+            "ExcludeOutboundCIDRs",
+        ),
+        (
+            r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ConsulDNSIP":"fd00::1"}"#,
+            "ConsulDNSIP",
+        ),
+        (
+            r#"{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeUIDs":["x"]}"#,
+            "ExcludeUIDs",
+        ),
+    ] {
+        let e = consul(&[(CONSUL_CONFIG, config)], POD_V4).expect_err(config);
+        assert_eq!(e.annotation, CONSUL_CONFIG, "{config}");
+        assert!(e.reason.contains(says), "{config}: {e}");
+    }
+    let e = consul(
+        &[
+            (CONSUL_CONFIG, CONSUL_BASE),
+            ("consul.hashicorp.com/dual-stack", "yes"),
+        ],
+        POD_V4,
+    )
+    .expect_err("dual-stack yes");
+    assert_eq!(e.annotation, "consul.hashicorp.com/dual-stack");
+}

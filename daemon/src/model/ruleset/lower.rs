@@ -12,6 +12,9 @@ use super::{
 };
 use crate::model::plan::{CaptureMode, Cidrs, Loopback, Ports, RedirectPlan};
 
+mod consul;
+use consul::consul_outbound;
+
 /// The DNS port.
 const DNS: u16 = 53;
 
@@ -42,7 +45,7 @@ impl Fam {
                 passthrough_source,
                 passthrough_source6,
             } => Some(passthrough(passthrough_source, passthrough_source6)),
-            Loopback::IgnoreAll => None,
+            Loopback::IgnoreAll | Loopback::Consul => None,
         };
         match family {
             Family::V4 => Fam {
@@ -350,6 +353,9 @@ fn mangle_output(plan: &RedirectPlan, mark: u32, fams: &[Fam]) -> Vec<Rule> {
 /// returns; then 127.0.0.1, excluded CIDRs, included ports, included CIDRs. Linkerd's: the
 /// proxy uid (and gid if set), all of lo, excluded ports, then redirect.
 fn outbound(plan: &RedirectPlan, f: &Fam) -> Vec<Rule> {
+    if plan.loopback == Loopback::Consul {
+        return consul_outbound(plan, f);
+    }
     let lo = || Match::OifName(Op::Eq, "lo".to_owned());
     let owners = owners(plan);
     let mut rules = Vec::new();
@@ -432,7 +438,7 @@ fn outbound(plan: &RedirectPlan, f: &Fam) -> Vec<Rule> {
             }
             rules.push(rule([Match::Daddr(Op::Eq, f.localhost)], Verdict::Return));
         }
-        Loopback::IgnoreAll => {
+        Loopback::IgnoreAll | Loopback::Consul => {
             rules.extend(
                 owners
                     .into_iter()

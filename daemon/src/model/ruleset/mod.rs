@@ -120,6 +120,12 @@ pub enum Verdict {
     /// `meta mark set ct mark` (`-j CONNMARK --restore-mark`).
     RestoreMark,
     Drop,
+    /// `dnat ip to ADDR[:PORT]` / `dnat ip6 to [ADDR][:PORT]` (iptables' `-j DNAT
+    /// --to-destination`; Consul's DNS).
+    Dnat {
+        addr: std::net::IpAddr,
+        port: Option<u16>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

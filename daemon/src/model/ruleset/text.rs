@@ -134,6 +134,12 @@ pub(super) fn rule(r: &Rule) -> String {
         Verdict::SaveMark => "ct mark set meta mark".to_owned(),
         Verdict::RestoreMark => "meta mark set ct mark".to_owned(),
         Verdict::Drop => "drop".to_owned(),
+        Verdict::Dnat { addr, port } => match (addr, port) {
+            (std::net::IpAddr::V4(a), Some(p)) => format!("dnat ip to {a}:{p}"),
+            (std::net::IpAddr::V4(a), None) => format!("dnat ip to {a}"),
+            (std::net::IpAddr::V6(a), Some(p)) => format!("dnat ip6 to [{a}]:{p}"),
+            (std::net::IpAddr::V6(a), None) => format!("dnat ip6 to {a}"),
+        },
     });
     parts.join(" ")
 }
