@@ -53,6 +53,9 @@ pub const ATTACH_OUTCOMES: [(&str, &str, &str); 14] = [
     ("error", "kernel", "101"),
 ];
 
+/// Every profile label value (`plan::Profile`'s names): a bounded set.
+pub const PROFILES: [&str; 5] = ["native", "istio", "linkerd", "kuma", "consul"];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildInfo {
     version: String,
@@ -91,6 +94,8 @@ pub struct Metrics {
     /// Attaches of mesh pods that carried native `sluice.dev/*` overrides the node does not
     /// apply to mesh pods, by profile (`istio`, `linkerd`, `kuma`, `consul`).
     pub native_overrides_ignored: Family<Profile, Counter>,
+    /// Attaches that programmed a capture, by the profile that planned it.
+    pub programmed: Family<Profile, Counter>,
     rss_bytes: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,
     /// CPU seconds already added to `cpu_seconds` (it is read as a total from /proc).
@@ -137,6 +142,7 @@ impl Metrics {
             ready: Gauge::default(),
             refused_peers: Counter::default(),
             native_overrides_ignored: Family::default(),
+            programmed: Family::default(),
             rss_bytes: Gauge::default(),
             cpu_seconds: Counter::default(),
             cpu_seen: std::sync::Mutex::new(0.0),
@@ -204,6 +210,11 @@ impl Metrics {
             "Attaches of mesh pods whose native sluice.dev overrides were not applied, by profile",
             m.native_overrides_ignored.clone(),
         );
+        registry.register(
+            "programmed",
+            "Attaches that programmed a capture, by the profile that planned it",
+            m.programmed.clone(),
+        );
         let info = Family::<BuildInfo, Gauge>::default();
         info.get_or_create(&BuildInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -246,8 +257,13 @@ impl Metrics {
                 }));
             }
         }
-        for profile in ["istio", "linkerd"] {
-            drop(m.native_overrides_ignored.get_or_create(&Profile {
+        for profile in PROFILES {
+            if profile != "native" {
+                drop(m.native_overrides_ignored.get_or_create(&Profile {
+                    profile: profile.into(),
+                }));
+            }
+            drop(m.programmed.get_or_create(&Profile {
                 profile: profile.into(),
             }));
         }
@@ -289,6 +305,15 @@ impl Metrics {
 
     pub fn native_overrides_ignored(&self, profile: crate::model::plan::Profile) {
         self.native_overrides_ignored
+            .get_or_create(&Profile {
+                profile: profile.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an attach that programmed a capture planned by `profile`.
+    pub fn programmed(&self, profile: crate::model::plan::Profile) {
+        self.programmed
             .get_or_create(&Profile {
                 profile: profile.to_string(),
             })
@@ -352,4 +377,41 @@ fn process_figures() -> Option<(u64, f64)> {
     let stime: f64 = f.get(12)?.parse().ok()?;
     let rss: u64 = f.get(21)?.parse().ok()?;
     Some((rss * page, (utime + stime) / ticks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PROFILES;
+    use crate::model::plan::Profile;
+
+    /// The profile label's values are exactly the profiles' names (a new profile fails to
+    /// compile here until it is listed).
+    #[test]
+    fn the_profile_label_values_are_the_profiles() {
+        let all = |p: Profile| match p {
+            Profile::Native
+            | Profile::Istio
+            | Profile::Linkerd
+            | Profile::Kuma
+            | Profile::Consul => p.to_string(),
+        };
+        let names: Vec<String> = [
+            Profile::Native,
+            Profile::Istio,
+            Profile::Linkerd,
+            Profile::Kuma,
+            Profile::Consul,
+        ]
+        .into_iter()
+        .map(all)
+        .collect();
+        assert_eq!(names, PROFILES);
+        let registry = super::Metrics::new().render();
+        for p in PROFILES {
+            assert!(
+                registry.contains(&format!("sluice_programmed_total{{profile=\"{p}\"}} 0")),
+                "{p} pre-initialised"
+            );
+        }
+    }
 }

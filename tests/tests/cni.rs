@@ -710,6 +710,12 @@ fn kuma_pods_are_captured_only_where_kuma_cni_would_capture_them() {
         }
         assert_eq!(cni("DEL", name, &ns.path(), &stdin).exit, 0, "{name}");
     }
+    let metrics = scrape(&agent.metrics_url());
+    assert_eq!(
+        value(&metrics, "sluice_programmed_total{profile=\"kuma\"}"),
+        1.0,
+        "one Kuma pod programmed"
+    );
     // Kuma ≤ 2.8: per-field annotations only, not forwarded (no agent needed).
     let old = Netns::new("sl-kuma-old");
     let stdin = conf(
@@ -779,6 +785,19 @@ fn consul_pods_are_captured_only_where_consul_cni_would_capture_them() {
         }
         assert_eq!(cni("DEL", name, &ns.path(), &stdin).exit, 0, "{name}");
     }
+    let metrics = scrape(&agent.metrics_url());
+    assert_eq!(
+        value(&metrics, "sluice_programmed_total{profile=\"consul\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            "sluice_attaches_total{result=\"skipped\",reason=\"mesh_gate\",code=\"\"}"
+        ),
+        1.0,
+        "the pod without transparent proxy, left to its mesh"
+    );
     let init = Netns::new("sl-consul-init");
     let stdin = conf(
         "1.0.0",

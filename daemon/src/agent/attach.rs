@@ -91,6 +91,7 @@ impl Agent {
             if done.replaced {
                 metrics.drift_repaired.inc();
             }
+            metrics.programmed(done.planned.profile);
             let owner = &done.planned.ruleset.owner;
             let (fingerprint, profile) = (owner.fingerprint.clone(), done.planned.profile);
             let rule_count = done.planned.ruleset.rule_count() as u32;
