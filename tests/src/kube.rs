@@ -1,5 +1,5 @@
-//! kubelet's part of running a manifest, for tests: reads the install the way `kubectl apply -k
-//! manifests/` sees it (the kustomization's `namespace` and `resources`), and translates a
+//! kubelet's part of running a manifest, for tests: takes the install as a real tool rendered
+//! it (see `render`: Helm's engine, Debian's kustomize), and translates a
 //! DaemonSet's pod template into the CRI requests kubelet would send for it on a node —
 //! sandbox, container config, volumes, kubelet's own mounts, env expansion, QoS, probes.
 //!
@@ -57,56 +57,15 @@ pub const DEFAULT_READONLY_PATHS: [&str; 5] = [
     "/proc/sysrq-trigger",
 ];
 
-fn read_docs(path: &Path) -> Result<Vec<Value>, String> {
-    use serde::Deserialize;
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let mut docs = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value = Value::deserialize(doc).map_err(|e| format!("{}: {e}", path.display()))?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
-}
-
-/// Reads `dir/kustomization.yaml` and its resources; fails on a kustomization feature it does
-/// not apply (patches, generators, images …).
-pub fn load(dir: &Path) -> Result<Install, String> {
-    let k = read_docs(&dir.join("kustomization.yaml"))?
-        .pop()
-        .ok_or("an empty kustomization.yaml")?;
-    let map = k.as_object().ok_or("kustomization: not a map")?;
-    for key in map.keys() {
-        if !["apiVersion", "kind", "namespace", "resources"].contains(&key.as_str()) {
-            return Err(format!(
-                "kustomization.{key}: not understood by tests/src/kube.rs (only namespace and resources are applied)"
-            ));
-        }
-    }
-    let namespace = map
-        .get("namespace")
-        .and_then(Value::as_str)
+/// The install a real tool rendered (`kustomize build`, Helm's engine): its objects as they
+/// are, in the namespace they name.
+pub fn from_render(text: &str) -> Result<Install, String> {
+    let objects = crate::render::documents(text)?;
+    let namespace = objects
+        .iter()
+        .find_map(|o| o["metadata"]["namespace"].as_str())
         .unwrap_or("default")
         .to_owned();
-    let mut objects = Vec::new();
-    for r in map
-        .get("resources")
-        .and_then(Value::as_array)
-        .ok_or("kustomization: no resources")?
-    {
-        let file = r
-            .as_str()
-            .ok_or("kustomization: a resource is not a path")?;
-        for mut obj in read_docs(&dir.join(file))? {
-            let cluster_scoped = obj["kind"] == "Namespace";
-            if !cluster_scoped {
-                obj["metadata"]["namespace"] = Value::String(namespace.clone());
-            }
-            objects.push(obj);
-        }
-    }
     Ok(Install { namespace, objects })
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod cri;
 pub mod kube;
+pub mod render;
 
 use nix::sched::{CloneFlags, setns};
 use nix::unistd::{Gid, Uid};

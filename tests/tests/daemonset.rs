@@ -354,7 +354,11 @@ fn the_daemonset_as_shipped_runs_through_cri_captures_pods_and_uninstalls() {
     let conf_before = snapshot(&conf_dir);
     let bin_before = snapshot(&bin_dir);
 
-    let install = kube::load(&repo().join("manifests")).unwrap_or_else(|e| panic!("{e}"));
+    // The objects Helm's own engine renders from the chart with its defaults (the same as
+    // `kustomize build manifests/`: tests/tests/chart.rs).
+    let rendered = sluice_tests::render::helm_render(&serde_json::json!({}), "sluice-system")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let install = kube::from_render(&rendered).unwrap_or_else(|e| panic!("{e}"));
     let ip = node_ip();
     let node = Node {
         name: sh(&["hostname"]).trim().to_owned(),

@@ -117,13 +117,16 @@ fn every_make_target_and_flag_the_docs_name_exists() {
         help(&["sluice-bench"]),
     ]
     .join("\n");
-    // Flags of other tools the pages quote (nsenter, ctr, kubectl, kubelet).
+    // Flags of other tools the pages quote (nsenter, ctr, kubectl, kubelet, helm).
     let elsewhere = [
         "--net",
         "--base-name",
         "--previous",
         "--field-selector",
         "--allowed-unsafe-sysctls",
+        "--create-namespace",
+        "--namespace",
+        "--set",
     ];
     for flag in tokens(&text, "--", |c| c.is_ascii_lowercase() || c == '-') {
         if flag.len() < 4 || elsewhere.contains(&flag.as_str()) {

@@ -229,3 +229,44 @@ fn the_configmap_is_a_config_the_agent_accepts() {
     assert_eq!(cfg.socket, Path::new("/run/sluice/agent.sock"));
     assert_eq!(cfg.sysctl_dir, Path::new("/host/proc/sys"));
 }
+
+/// What the real tools render (Debian's kustomize; Helm's engine, default and CRI-O) validates
+/// strictly too: the objects the cluster gets are these, not the files.
+#[test]
+fn the_real_renders_validate_strictly() {
+    use sluice_tests::render::{documents, helm_render, kustomize_build};
+    let renders = [
+        ("kustomize build manifests", kustomize_build("manifests")),
+        (
+            "helm template (defaults)",
+            helm_render(&serde_json::json!({}), "sluice-system"),
+        ),
+        (
+            "helm template (runtime crio)",
+            helm_render(&serde_json::json!({"runtime": "crio"}), "sluice-system"),
+        ),
+    ];
+    for (what, text) in renders {
+        let text = text.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let objects = documents(&text)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .len();
+        assert!(objects >= 4, "{what}: {objects} objects");
+        let file = std::env::temp_dir().join(format!(
+            "sluice-render-{}-{}.yaml",
+            what.replace(' ', "-").replace(['(', ')'], ""),
+            std::process::id()
+        ));
+        std::fs::write(&file, &text).expect("write render");
+        let out = validate(std::slice::from_ref(&file), VERSIONS[2]);
+        let _ = std::fs::remove_file(&file);
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {report}");
+        assert_eq!(
+            report.matches(" passed for resource ").count(),
+            objects,
+            "{what}: {report}"
+        );
+    }
+}
