@@ -86,6 +86,9 @@ apt_opts=(
 )
 case $verb in
   update)
+    # One update of a suite's state at a time (tests fetch concurrently).
+    exec 8>"$state/update.lock"
+    flock 8
     apt-get "${apt_opts[@]}" -q update >"$state/update.log" 2>&1 ||
       { cat "$state/update.log" >&2; exit 1; }
     ;;

@@ -9,6 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 suite=$1 pkg=$2
 dir=$PWD/target/runtimes/$suite-$pkg
+mkdir -p target/runtimes
+# Tests call this concurrently: one fetches, the others wait for it.
+exec 9>"$dir.lock"
+flock 9
 if [ ! -e "$dir/.unpacked" ]; then
   [ -e "target/apt/$suite/lists/lock" ] || bash tests/apt/suite.sh "$suite" update
   rm -rf "$dir" "$dir.debs" && mkdir -p "$dir"

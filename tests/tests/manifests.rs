@@ -23,8 +23,10 @@ fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
 }
 
-/// target/kubernetes-validate-venv, created on first use.
+/// target/kubernetes-validate-venv, created on first use (by one test; the others wait).
 fn validator() -> PathBuf {
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = CREATING.lock().unwrap_or_else(|p| p.into_inner());
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kubernetes-validate-venv");
     let exe = venv.join("bin/kubernetes-validate");
     if !exe.exists() {
