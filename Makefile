@@ -10,7 +10,7 @@ IMAGE_TAR := target/image/sluice-agent-$(VERSION).tar
 # The kernel matrix boots Debian's kernel packages under QEMU (virtme-ng comes from PyPI).
 KERNEL_DEBS := qemu-system-x86 kmod python3-venv
 
-.PHONY: deps build plugin-static demo test test-kernels test-runtimes corpus lint bench bench-quick image clean
+.PHONY: deps build plugin-static demo test test-kernels test-runtimes corpus lint bench bench-quick image image-sources clean
 
 deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -61,9 +61,14 @@ test-runtimes: build plugin-static
 corpus: build
 	bash tests/runtimes/corpus.sh
 
+## Formatting, clippy, and the dependency policy (deny.toml: licenses, bans, sources; the
+## advisory database cannot be fetched offline, see deny.toml).
+CARGO_DENY_VERSION := 0.20.2
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@cargo-deny --version 2>/dev/null | grep -qF "$(CARGO_DENY_VERSION)" || $(CARGO) install --locked --quiet cargo-deny@$(CARGO_DENY_VERSION)
+	cargo-deny check --hide-inclusion-graph licenses bans sources
 
 ## Attach-latency benchmark (a few minutes on 2 cores); results in results/.
 bench: deps plugin-static
@@ -75,11 +80,17 @@ bench-quick: deps plugin-static
 	$(CARGO) build --release --workspace --bins
 	./target/release/sluice-bench --quick --out results/quick
 
-## OCI image of the agent + plugin (umoci, no container engine): $(IMAGE_TAR), named $(IMAGE).
+## OCI image of the agent + plugin (umoci, no container engine): $(IMAGE_TAR), named $(IMAGE),
+## with its SBOM ($(IMAGE_TAR:.tar=.cdx.json)) and the Debian sources it needs ($(IMAGE_TAR:.tar=.sources.txt)).
 image: deps plugin-static
 	$(CARGO) build --release -p sluice-daemon --bins
 	bash daemon/image/build.sh target/release $(IMAGE_TAR) $(VERSION) $(STATIC_PLUGIN)
 	@echo "$(IMAGE): import with 'ctr -n k8s.io images import --base-name localhost/sluice-agent $(IMAGE_TAR)', or push it with skopeo/crane"
+
+## The Debian source packages of the libraries the image carries (GPL/LGPL: glibc, libgcc,
+## libnftnl, libmnl), as `make image` listed them, into target/image/sources/.
+image-sources: image
+	bash daemon/image/sources.sh $(IMAGE_TAR:.tar=.sources.txt) target/image/sources
 
 clean:
 	$(CARGO) clean

@@ -2,13 +2,16 @@
 # Builds the sluice-agent OCI image without a container engine: the release binaries plus
 # the shared libraries they load (found with ldd: glibc, libgcc_s, libnftnl, libmnl), packed
 # with umoci into an OCI layout and tarred. `ctr images import --base-name localhost/sluice-agent`
-# (or skopeo/crane to push) turns it into the image the DaemonSet names.
+# (or skopeo/crane to push) turns it into the image the DaemonSet names. Beside the tar:
+# <tar>.cdx.json (CycloneDX SBOM: the crates compiled in, the Debian packages copied) and
+# <tar>.sources.txt (those packages' Debian source packages; `make image-sources` fetches them).
 #
 # usage: build.sh BIN_DIR OUT_TAR TAG [PLUGIN]
 #   PLUGIN: the sluice-cni to ship instead of BIN_DIR's (`make image` passes the static one,
 #   which the agent copies onto nodes whatever their libc).
 set -euo pipefail
-bin_dir=$1 out=$2 tag=$3 plugin=${4:-$1/sluice-cni}
+bin_dir=$1 out=$(realpath -m "$2") tag=$3 plugin=${4:-$1/sluice-cni}
+mkdir -p "$(dirname "$out")"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 rootfs=$work/rootfs
@@ -23,6 +26,7 @@ if ldd "$plugin" >/dev/null 2>&1; then dynamic+=("$plugin"); fi
 # Every library the binaries load, at the path the loader looks for it.
 for lib in $(ldd "${dynamic[@]}" \
     | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | sort -u); do
+  echo "$lib" >>"$work/libs.txt"
   real=$(readlink -f "$lib")
   mkdir -p "$rootfs$(dirname "$lib")"
   cp "$real" "$rootfs$lib"
@@ -37,6 +41,21 @@ if [ -d "$rootfs/lib64" ] && [ ! -L "$rootfs/lib64" ]; then
 fi
 [ -e "$rootfs/lib64" ] || ln -s usr/lib64 "$rootfs/lib64"
 echo 'root:x:0:0:root:/:/usr/local/bin/sluice-agent' > "$rootfs/etc/passwd"
+# sluice's own code is Apache-2.0; the image also carries glibc and libmnl (LGPL-2.1+),
+# libnftnl (GPL-2.0+) and libgcc_s (GPL-3.0+ with the GCC runtime exception).
+licenses="Apache-2.0 AND GPL-2.0-or-later AND LGPL-2.1-or-later AND GPL-3.0-or-later WITH GCC-exception-3.1"
+labels=()
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+if revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null); then
+  labels+=(--config.label "org.opencontainers.image.revision=$revision")
+fi
+# The source's address only when the checkout knows one (never made up here).
+if source=$(git -C "$repo" remote get-url origin 2>/dev/null) && [[ $source == http* ]]; then
+  labels+=(--config.label "org.opencontainers.image.source=$source")
+fi
+# The SBOM and the Debian source packages of what the image carries, beside the tar.
+(cd "$repo" && python3 daemon/image/sbom.py "$tag" "$work/libs.txt" \
+  "${out%.tar}.cdx.json" "${out%.tar}.sources.txt")
 layout=$work/oci
 umoci init --layout "$layout"
 umoci new --image "$layout:$tag"
@@ -46,9 +65,10 @@ umoci config --image "$layout:$tag" \
   --config.workingdir / \
   --config.env PATH=/usr/local/bin \
   --config.label org.opencontainers.image.title=sluice-agent \
-  --config.label org.opencontainers.image.licenses=Apache-2.0 \
-  --config.label "org.opencontainers.image.description=sluice node agent and sluice-cni (links libnftnl, GPL-2.0-or-later)" \
-  --config.label org.opencontainers.image.version="$tag"
+  --config.label "org.opencontainers.image.licenses=$licenses" \
+  --config.label "org.opencontainers.image.description=sluice node agent and sluice-cni (links libnftnl, GPL-2.0-or-later; sources of the Debian libraries: make image-sources)" \
+  --config.label org.opencontainers.image.version="$tag" \
+  "${labels[@]}"
 umoci gc --layout "$layout"
 mkdir -p "$(dirname "$out")"
 tar -C "$layout" -cf "$out" .

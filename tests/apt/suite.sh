@@ -11,6 +11,8 @@
 #   tests/apt/suite.sh SUITE update                 fetch SUITE's package lists
 #   tests/apt/suite.sh SUITE search REGEX           package names matching REGEX (--names-only)
 #   tests/apt/suite.sh SUITE download DIR PKG...    download PKGs into DIR
+#   tests/apt/suite.sh SUITE source DIR SRC=VER...  download source packages into DIR (a state
+#                                                   of its own, with deb-src entries)
 #
 # SUITE: a Debian suite (bullseye, bullseye-security, trixie, sid, ...); several may be given
 # joined with '+' (bullseye+bullseye-security) to share one state.
@@ -18,14 +20,20 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 suites=$1 verb=$2
 shift 2
+kind=deb
 state=$PWD/target/apt/$suites
+if [ "$verb" = source ]; then
+  kind=deb-src
+  state=$state-src
+fi
 mkdir -p "$state/lists/partial" "$state/cache/archives/partial"
 
 if [ ! -s "$state/sources.list" ]; then
-  python3 - "$suites" >"$state/sources.list" <<'EOF'
+  python3 - "$suites" "$kind" >"$state/sources.list" <<'EOF'
 import glob, os, re, sys
 
 wanted = sys.argv[1].split("+")
+kind = sys.argv[2]
 release = ""
 for line in open("/etc/os-release"):
     if line.startswith("VERSION_CODENAME="):
@@ -71,7 +79,7 @@ for suite in wanted:
     # bullseye-security and later live at <release>-security; the keyring the host trusts
     # for Debian signs every supported suite.
     opt = f" [signed-by={signed}]" if signed else ""
-    print(f"deb{opt} {uri} {suite} main")
+    print(f"{kind}{opt} {uri} {suite} main")
 EOF
 fi
 
@@ -103,6 +111,25 @@ case $verb in
       grep -v '^W: Download is performed unsandboxed' || true)
     for p in "$@"; do
       ls "$dir/${p%%=*}"_*.deb >/dev/null 2>&1 || { echo "download of $p failed" >&2; exit 1; }
+    done
+    ;;
+  source)
+    dir=$1
+    shift
+    mkdir -p "$dir"
+    exec 8>"$state/update.lock"
+    flock 8
+    [ -e "$state/lists/lock" ] || apt-get "${apt_opts[@]}" -q update >"$state/update.log" 2>&1 ||
+      { cat "$state/update.log" >&2; exit 1; }
+    (cd "$dir" && apt-get "${apt_opts[@]}" -q source --download-only "$@" 2>&1 |
+      grep -v '^W: Download is performed unsandboxed' || true)
+    # Every file the .dsc names (orig tarball, Debian changes) must be there, not only the .dsc.
+    for p in "$@"; do
+      dsc=$(ls "$dir/${p%%=*}"_*.dsc 2>/dev/null | head -n1)
+      [ -n "$dsc" ] || { echo "download of the source of $p failed" >&2; exit 1; }
+      for f in $(awk '/^Files:/ { on = 1; next } /^[^ ]/ { on = 0 } on { print $3 }' "$dsc"); do
+        [ -s "$dir/$f" ] || { echo "source of $p: $f is missing (the archive did not serve it)" >&2; exit 1; }
+      done
     done
     ;;
   *)

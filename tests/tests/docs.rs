@@ -117,7 +117,7 @@ fn every_make_target_and_flag_the_docs_name_exists() {
         help(&["sluice-bench"]),
     ]
     .join("\n");
-    // Flags of other tools the pages quote (nsenter, ctr, kubectl, kubelet, helm).
+    // Flags of other tools the pages quote (nsenter, ctr, kubectl, kubelet, helm, apt-get).
     let elsewhere = [
         "--net",
         "--base-name",
@@ -127,6 +127,7 @@ fn every_make_target_and_flag_the_docs_name_exists() {
         "--create-namespace",
         "--namespace",
         "--set",
+        "--download-only",
     ];
     for flag in tokens(&text, "--", |c| c.is_ascii_lowercase() || c == '-') {
         if flag.len() < 4 || elsewhere.contains(&flag.as_str()) {

@@ -27,6 +27,41 @@ fn the_image_carries_the_binaries_and_their_libraries_and_imports_into_container
         &tar.display().to_string(),
         tag,
     ]);
+    // Beside the tar: the SBOM (crates compiled in, Debian packages copied) and the Debian
+    // source packages of those libraries.
+    let sbom: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("sluice-agent.cdx.json")).expect("the SBOM beside the image"),
+    )
+    .expect("SBOM JSON");
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    let components = sbom["components"].as_array().expect("components");
+    let has = |purl: &str| {
+        components
+            .iter()
+            .any(|c| c["purl"].as_str().is_some_and(|p| p.starts_with(purl)))
+    };
+    for purl in [
+        "pkg:cargo/nftnl@",
+        "pkg:cargo/tokio@",
+        "pkg:cargo/sluice-daemon@",
+        "pkg:cargo/sluice-cni@",
+        "pkg:deb/debian/libnftnl11@",
+        "pkg:deb/debian/libmnl0@",
+        "pkg:deb/debian/libc6@",
+    ] {
+        assert!(has(purl), "the SBOM lists {purl}");
+    }
+    assert!(
+        !has("pkg:cargo/proptest@"),
+        "dev-dependencies are not in the image"
+    );
+    let sources = std::fs::read_to_string(dir.join("sluice-agent.sources.txt")).expect("sources");
+    for source in ["libnftnl ", "libmnl ", "glibc "] {
+        assert!(
+            sources.lines().any(|l| l.starts_with(source)),
+            "{source}in {sources}"
+        );
+    }
     let layout = dir.join("layout");
     std::fs::create_dir_all(&layout).expect("layout");
     sh(&[
@@ -42,6 +77,30 @@ fn the_image_carries_the_binaries_and_their_libraries_and_imports_into_container
     assert_eq!(
         index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
         tag
+    );
+    // The image config's OCI labels: version, revision, the licenses of what it carries.
+    let blob = |digest: &serde_json::Value| -> serde_json::Value {
+        let hex = digest
+            .as_str()
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .expect("a sha256 digest");
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).expect("blob"))
+            .expect("blob JSON")
+    };
+    let manifest = blob(&index["manifests"][0]["digest"]);
+    let labels = &blob(&manifest["config"]["digest"])["config"]["Labels"];
+    assert_eq!(labels["org.opencontainers.image.version"], tag);
+    let licenses = labels["org.opencontainers.image.licenses"]
+        .as_str()
+        .unwrap_or_default();
+    for spdx in ["Apache-2.0", "GPL-2.0-or-later", "LGPL-2.1-or-later"] {
+        assert!(licenses.contains(spdx), "{licenses}");
+    }
+    let revision = sh(&["git", "-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"]);
+    assert_eq!(
+        labels["org.opencontainers.image.revision"].as_str(),
+        Some(revision.trim()),
+        "{labels}"
     );
     let image = format!("{}:{tag}", layout.display());
     let stat = sh(&["umoci", "stat", "--image", &image, "--json"]);
