@@ -680,7 +680,7 @@ fn kuma_pods_are_captured_only_where_kuma_cni_would_capture_them() {
         ),
         (
             "kuma-uids",
-            "cniMode: true\nredirect:\n  outbound:\n    excludePortsForUIDs: [\"tcp:80:1000\"]\n",
+            "cniMode: true\nredirect:\n  outbound:\n    excludePortsForUIDs: [\"tcp:80:*\"]\n",
             Some(7),
             false,
         ),

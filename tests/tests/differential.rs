@@ -515,7 +515,7 @@ fn kuma_dns_and_exclusions() {
         "  inbound:\n    enabled: true\n    port: 15006\n    excludePorts: [8081]\n    excludePortsForIPs: [\"10.98.0.1\"]\n",
     ).replace(
         "  outbound:\n    enabled: true\n    port: 15001\n",
-        "  outbound:\n    enabled: true\n    port: 15001\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.98.0.0/16\"]\n",
+        "  outbound:\n    enabled: true\n    port: 15001\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.98.0.0/16\"]\n    excludePortsForUIDs: [\"1337\", \"8080-8081:1000\"]\n",
     );
     differential(
         "kdns",

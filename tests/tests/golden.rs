@@ -118,7 +118,7 @@ const CASES: &[Case] = &[
             ("kuma.io/sidecar-injected", "true"),
             (
                 "traffic.kuma.io/transparent-proxy-config",
-                "kumaDPUser: \"5678\"\nipFamilyMode: dualstack\nredirect:\n  inbound:\n    port: 15006\n    excludePorts: [9001]\n    excludePortsForIPs: [\"10.98.0.1,fd00:98::1\"]\n  outbound:\n    port: 15001\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.98.0.0/16\"]\n  dns:\n    enabled: true\n    port: 15053\n    captureAll: true\ncniMode: true\n",
+                "kumaDPUser: \"5678\"\nipFamilyMode: dualstack\nredirect:\n  inbound:\n    port: 15006\n    excludePorts: [9001]\n    excludePortsForIPs: [\"10.98.0.1,fd00:98::1\"]\n  outbound:\n    port: 15001\n    excludePorts: [3306]\n    excludePortsForIPs: [\"10.98.0.0/16\"]\n    excludePortsForUIDs: [\"tcp:2-3:1000\", \"udp:1001\"]\n  dns:\n    enabled: true\n    port: 15053\n    captureAll: true\ncniMode: true\n",
             ),
         ],
     ),

@@ -195,6 +195,18 @@ fn rule<'a>(chain: &'a nftnl::Chain<'a>, spec: &ruleset::Rule) -> nftnl::Rule<'a
                 r.add_expr(&Bitwise::new(bits, 0u32));
                 r.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
             }
+            Match::DportRange(l4, lo, hi) => {
+                deps.need_l4(&mut r, *l4);
+                let field = match l4 {
+                    L4::Tcp => TransportHeaderField::Tcp(TcpHeaderField::Dport),
+                    L4::Udp => TransportHeaderField::Udp(UdpHeaderField::Dport),
+                };
+                // Network byte order compares as numbers: no byteorder step (as nft emits).
+                r.add_expr(&Payload::Transport(field));
+                r.add_expr(&Cmp::new(CmpOp::Gte, &lo.to_be_bytes()[..]));
+                r.add_expr(&Payload::Transport(field));
+                r.add_expr(&Cmp::new(CmpOp::Lte, &hi.to_be_bytes()[..]));
+            }
             Match::Dport(l4, op, port) => {
                 deps.need_l4(&mut r, *l4);
                 let field = match l4 {

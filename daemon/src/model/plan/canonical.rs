@@ -71,6 +71,9 @@ impl RedirectPlan {
                 line(key, value);
             }
         }
+        if !self.exclude_uid_ports.is_empty() {
+            line("exclude_uid_ports", join(&self.exclude_uid_ports));
+        }
         if !self.exclude_outbound_uids.is_empty() {
             line("exclude_outbound_uids", join(&self.exclude_outbound_uids));
         }

@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::values::invalid;
-use super::{Cidrs, Loopback, PlanError, Ports, RedirectPlan};
+use super::{Cidrs, Loopback, PlanError, Ports, Proto, RedirectPlan, UidPorts};
 
 /// The transparent-proxy configuration (Kuma ≥ 2.9): the profile's trigger.
 pub const CONFIG: &str = sluice_proto::annotations::KUMA_CONFIG;
@@ -142,9 +142,6 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Kuma, PlanError> {
     if !config.redirect.vnet.networks.is_empty() {
         return Err(unsupported("redirect.vnet.networks (Kuma Universal only)"));
     }
-    if !config.redirect.outbound.exclude_ports_for_uids.is_empty() {
-        return Err(unsupported("redirect.outbound.excludePortsForUIDs"));
-    }
     if !config.redirect.inbound.exclude_ports_for_uids.is_empty() {
         return Err(unsupported("redirect.inbound.excludePortsForUIDs"));
     }
@@ -245,6 +242,28 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Kuma, PlanError> {
             Cidrs::Only(Vec::new()),
         )
     };
+    let mut exclude_uid_ports = Vec::new();
+    for entry in &outbound.exclude_ports_for_uids {
+        let text = match entry {
+            serde_yaml_ng::Value::String(s) => s.clone(),
+            serde_yaml_ng::Value::Number(n) => n.to_string(),
+            other => {
+                return Err(bad(format!(
+                    "redirect.outbound.excludePortsForUIDs: {other:?} is not an entry"
+                )));
+            }
+        };
+        exclude_uid_ports.extend(uid_ports(&text).map_err(|why| {
+            bad(format!(
+                "redirect.outbound.excludePortsForUIDs: {text:?}: {why} (expected [<proto>:][<ports>:]<uids>)"
+            ))
+        })?);
+        if exclude_uid_ports.len() > MAX_UID_RULES {
+            return Err(bad(format!(
+                "redirect.outbound.excludePortsForUIDs: more than {MAX_UID_RULES} rules"
+            )));
+        }
+    }
     // Kuma also splits DNS into two conntrack zones (unless `skipConntrackZoneSplit`); sluice
     // does not write those rules (docs/annotations.md, "Kuma profile"): the packets' fate is
     // the same, the DNS proxy's upstream queries share the app's conntrack zone.
@@ -259,10 +278,78 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Kuma, PlanError> {
             include_outbound_cidrs,
             exclude_outbound_cidrs,
             dns_port,
+            exclude_uid_ports,
             ..RedirectPlan::capture_all(outbound_port, inbound_port, uid, Loopback::kuma())
         },
         ipv6,
     })
+}
+
+/// Most rules the uid exclusions may expand to (protocols × port ranges × uids).
+const MAX_UID_RULES: usize = 1024;
+
+/// One `excludePortsForUIDs` entry, `[<proto>:][<ports>:]<uids>`: the protocol (`tcp`, `udp`,
+/// `*` or missing for both), ports (`a,b,c-d`; `*` or missing for all), uids (`n` or `n-m`,
+/// never `*`), expanded to one exclusion per protocol, port range and uid.
+fn uid_ports(entry: &str) -> Result<Vec<UidPorts>, String> {
+    let parts: Vec<&str> = entry.split(':').map(str::trim).collect();
+    let is_proto = |s: &str| matches!(s, "tcp" | "udp" | "*");
+    let (proto, ports, uids) = match parts.as_slice() {
+        [uids] => ("*", "*", *uids),
+        [first, uids] if is_proto(first) && *first != "*" => (*first, "*", *uids),
+        [ports, uids] => ("*", *ports, *uids),
+        [proto, ports, uids] => (*proto, *ports, *uids),
+        _ => return Err("too many parts".into()),
+    };
+    let protos: &[Proto] = match proto {
+        "tcp" => &[Proto::Tcp],
+        "udp" => &[Proto::Udp],
+        "*" | "" => &[Proto::Tcp, Proto::Udp],
+        other => return Err(format!("{other:?} is not tcp, udp or *")),
+    };
+    let number = |s: &str, what: &str| -> Result<u32, String> {
+        s.trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a {what}"))
+    };
+    let range = |s: &str, what: &str| -> Result<(u32, u32), String> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let (a, b) = (number(a, what)?, number(b, what)?);
+        if b < a {
+            return Err(format!("{s:?} is an empty range"));
+        }
+        Ok((a, b))
+    };
+    let port_ranges: Vec<Option<(u16, u16)>> = if ports == "*" || ports.is_empty() {
+        vec![None]
+    } else {
+        ports
+            .split(',')
+            .map(|p| {
+                let (a, b) = range(p, "port")?;
+                match (u16::try_from(a), u16::try_from(b)) {
+                    (Ok(a), Ok(b)) if a > 0 => Ok(Some((a, b))),
+                    _ => Err(format!("{p:?} is not a port range")),
+                }
+            })
+            .collect::<Result<_, String>>()?
+    };
+    if uids == "*" {
+        return Err("uids cannot be *".into());
+    }
+    let (lo, hi) = range(uids, "uid")?;
+    if (hi - lo) as usize >= MAX_UID_RULES {
+        return Err(format!("{uids:?}: more than {MAX_UID_RULES} uids"));
+    }
+    let mut out = Vec::new();
+    for &proto in protos {
+        for &ports in &port_ranges {
+            for uid in lo..=hi {
+                out.push(UidPorts { proto, ports, uid });
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Loopback {

@@ -11,6 +11,7 @@ mod sysctls;
 mod values;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
@@ -220,6 +221,9 @@ pub struct RedirectPlan {
     pub exclude_outbound_uids: Vec<u32>,
     /// Consul's DNS redirection (DNAT to Consul's DNS address), instead of `dns_port`.
     pub consul_dns: Option<ConsulDns>,
+    /// Outbound traffic of these users to these ports is never redirected (Kuma's
+    /// `excludePortsForUIDs`), checked first.
+    pub exclude_uid_ports: Vec<UidPorts>,
     /// Traffic in or out of these interfaces is left alone.
     pub exclude_interfaces: Vec<String>,
     /// DNS capture: UDP and TCP to port 53 from non-proxy users goes to this port.
@@ -238,6 +242,35 @@ pub struct RedirectPlan {
 pub struct ConsulDns {
     pub ip: Ipv4Addr,
     pub port: Option<u16>,
+}
+
+/// One exclusion by user and port: `proto` traffic of `uid` to `ports` (inclusive; `None`
+/// for every port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UidPorts {
+    pub proto: Proto,
+    pub ports: Option<(u16, u16)>,
+    pub uid: u32,
+}
+
+/// A transport protocol of an exclusion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for UidPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        match self.ports {
+            Some((lo, hi)) => write!(f, "{proto}:{lo}-{hi}:{}", self.uid),
+            None => write!(f, "{proto}:*:{}", self.uid),
+        }
+    }
 }
 
 /// Loopback handling, where Istio and Linkerd differ.
@@ -304,6 +337,7 @@ impl RedirectPlan {
             exclude_outbound_cidrs: Vec::new(),
             exclude_outbound_uids: Vec::new(),
             consul_dns: None,
+            exclude_uid_ports: Vec::new(),
             exclude_interfaces: Vec::new(),
             dns_port: None,
             sysctls: Vec::new(),

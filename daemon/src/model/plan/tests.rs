@@ -990,8 +990,20 @@ fn kuma_configs_sluice_cannot_honour_are_refused_naming_the_field() {
         ("redirect:\n  inbound:\n    port: 70000\n", "inbound"),
         ("redirect:\n  dns:\n    enabled: true\n", "captureAll"),
         (
-            "redirect:\n  outbound:\n    excludePortsForUIDs: [\"tcp:80:1000\"]\n",
+            "redirect:\n  inbound:\n    excludePortsForUIDs: [\"tcp:80:1000\"]\n",
             "excludePortsForUIDs",
+        ),
+        (
+            "redirect:\n  outbound:\n    excludePortsForUIDs: [\"tcp:80:*\"]\n",
+            "uids cannot be *",
+        ),
+        (
+            "redirect:\n  outbound:\n    excludePortsForUIDs: [\"sctp:80:1\"]\n",
+            "not tcp, udp",
+        ),
+        (
+            "redirect:\n  outbound:\n    excludePortsForUIDs: [\"9-8:1\"]\n",
+            "empty range",
         ),
         (
             "redirect:\n  outbound:\n    enabled: false\n",
@@ -1157,4 +1169,35 @@ fn consul_configs_that_do_not_parse_are_refused_naming_the_field() {
     )
     .expect_err("dual-stack yes");
     assert_eq!(e.annotation, "consul.hashicorp.com/dual-stack");
+}
+
+/// Kuma's `excludePortsForUIDs` entries, `[<proto>:][<ports>:]<uids>`, as Kuma reads them
+/// (its multiple-config-flags golden: `1` is every port of uid 1 over TCP and UDP, `2-3:4-5`
+/// ports 2-3 of uids 4 and 5 over both).
+#[test]
+fn kuma_uid_exclusions_expand_as_kuma_reads_them() {
+    let p = kuma_plan(
+        "redirect:\n  outbound:\n    excludePortsForUIDs: [\"1\", \"2-3:4-5\", \"tcp:80,443:1000\", \"udp:1001\", 7]\n",
+    );
+    let got: Vec<String> = p
+        .exclude_uid_ports
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "tcp:*:1",
+            "udp:*:1",
+            "tcp:2-3:4",
+            "tcp:2-3:5",
+            "udp:2-3:4",
+            "udp:2-3:5",
+            "tcp:80-80:1000",
+            "tcp:443-443:1000",
+            "udp:*:1001",
+            "tcp:*:7",
+            "udp:*:7",
+        ]
+    );
 }

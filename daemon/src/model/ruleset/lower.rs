@@ -360,6 +360,19 @@ fn outbound(plan: &RedirectPlan, f: &Fam) -> Vec<Rule> {
     let owners = owners(plan);
     let mut rules = Vec::new();
     let kuma = matches!(plan.loopback, Loopback::Kuma { .. });
+    // Users excluded for some ports (Kuma's excludePortsForUIDs) come first, as in Kuma's OUTPUT.
+    for e in &plan.exclude_uid_ports {
+        let l4 = match e.proto {
+            crate::model::plan::Proto::Tcp => L4::Tcp,
+            crate::model::plan::Proto::Udp => L4::Udp,
+        };
+        let port = match e.ports {
+            Some((lo, hi)) if lo == hi => Match::Dport(l4, Op::Eq, lo),
+            Some((lo, hi)) => Match::DportRange(l4, lo, hi),
+            None => Match::L4Proto(l4),
+        };
+        rules.push(rule([port, Match::SkUid(Op::Eq, e.uid)], Verdict::Return));
+    }
     if kuma {
         // Kuma's OUTPUT: the excluded destinations return before anything, DNS included.
         for net in plan.exclude_outbound_cidrs.iter().filter(|n| f.owns(n)) {

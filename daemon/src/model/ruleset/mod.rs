@@ -90,6 +90,8 @@ pub enum Match {
     Saddr(Op, IpNet),
     /// `tcp dport 80`.
     Dport(L4, Op, u16),
+    /// `tcp dport 2-3` (inclusive; encoded as nft does: `>=` then `<=`).
+    DportRange(L4, u16, u16),
     /// `meta mark 0x00000539`.
     Mark(Op, u32),
     /// `ct mark 0x00000539`.

@@ -109,6 +109,7 @@ pub(super) fn rule(r: &Rule) -> String {
             Match::Daddr(o, n) => format!("{} daddr {}{}", family(n), op(*o), net(n)),
             Match::Saddr(o, n) => format!("{} saddr {}{}", family(n), op(*o), net(n)),
             Match::Dport(l4, o, p) => format!("{} dport {}{p}", l4.name(), op(*o)),
+            Match::DportRange(l4, lo, hi) => format!("{} dport {lo}-{hi}", l4.name()),
         })
         .collect();
     parts.push(match &r.verdict {
