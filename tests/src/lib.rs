@@ -406,13 +406,9 @@ pub fn udp_as(ns: &Netns, uid: u32, gid: u32, to: &str) -> Result<String, String
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
-        // Connected: an ICMP port unreachable answers at once (ECONNREFUSED) instead of the
-        // read timeout, and only a reply from where the datagram was sent (after the kernel
-        // reverses any NAT) is taken.
-        socket.connect(to).map_err(|e| e.to_string())?;
-        socket.send(b"probe").map_err(|e| e.to_string())?;
+        socket.send_to(b"probe", to).map_err(|e| e.to_string())?;
         let mut buf = [0u8; 512];
-        let n = socket.recv(&mut buf).map_err(|e| e.to_string())?;
+        let (n, _) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }
