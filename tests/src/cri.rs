@@ -601,19 +601,7 @@ impl Containerd {
 
     /// The sandbox's network namespace path, from its verbose status (runtime spec).
     pub fn netns_of(&self, id: &str) -> String {
-        let mut client = self.runtime.clone();
-        let status = self
-            .rt
-            .block_on(
-                client.pod_sandbox_status(sluice_proto::cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: id.to_owned(),
-                    verbose: true,
-                }),
-            )
-            .unwrap_or_else(|s| self.fail(&format!("PodSandboxStatus {id}: {}", s.message())))
-            .into_inner();
-        let info = self.verbose_info(&status.info, "PodSandboxStatus");
-        info["runtimeSpec"]["linux"]["namespaces"]
+        self.sandbox_info(id)["runtimeSpec"]["linux"]["namespaces"]
             .as_array()
             .into_iter()
             .flatten()

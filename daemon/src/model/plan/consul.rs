@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::values::invalid;
-use super::{ConsulDns, Loopback, PlanError, RedirectPlan};
+use super::{ConsulDns, Loopback, MeshPlan, PlanError, RedirectPlan};
 
 /// The rules' configuration, written for the CNI plugin: the profile's trigger.
 pub const CONFIG: &str = sluice_proto::annotations::CONSUL_CONFIG;
@@ -66,28 +66,19 @@ struct Config {
     exclude_uids: Option<Vec<String>>,
 }
 
-/// What a Consul pod gets: its plan and whether IPv6 is captured (`dual-stack`), or why it is
-/// left alone.
-// One exists per decision and is matched right away (as `Decision`).
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Consul {
-    Capture { plan: RedirectPlan, ipv6: bool },
-    Skip(String),
-}
-
 /// consul-cni's gate and the plan from the pod's configuration.
-pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Consul, PlanError> {
+pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<MeshPlan, PlanError> {
     let Some(text) = ann.get(CONFIG) else {
-        return Ok(Consul::Skip(format!("mesh gate: no {CONFIG}")));
+        return Ok(MeshPlan::Skip(format!("mesh gate: no {CONFIG}")));
     };
     let set = |k: &str| ann.get(k).is_some_and(|v| !v.trim().is_empty());
     if !set(CONNECT_INJECT_STATUS) && !set(MESH_INJECT_STATUS) {
-        return Ok(Consul::Skip(format!(
+        return Ok(MeshPlan::Skip(format!(
             "mesh gate: neither {CONNECT_INJECT_STATUS} nor {MESH_INJECT_STATUS} is set"
         )));
     }
     if !set(TPROXY_STATUS) {
-        return Ok(Consul::Skip(format!(
+        return Ok(MeshPlan::Skip(format!(
             "mesh gate: {TPROXY_STATUS} is not set (transparent proxy is off)"
         )));
     }
@@ -180,7 +171,7 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Consul, PlanError> 
         }),
         (Some(ip), None) => Some(ConsulDns { ip, port: None }),
     };
-    Ok(Consul::Capture {
+    Ok(MeshPlan::Capture {
         plan: RedirectPlan {
             exclude_inbound_ports: ports("ExcludeInboundPorts", &config.exclude_inbound_ports)?,
             exclude_outbound_ports: ports("ExcludeOutboundPorts", &config.exclude_outbound_ports)?,

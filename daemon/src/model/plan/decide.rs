@@ -5,9 +5,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+/// Whether a profile's trigger annotation is present, and its gate and plan from its own
+/// configuration annotation (Kuma, Consul).
+type Gate = fn(&BTreeMap<String, String>) -> bool;
+type MeshFn = fn(&BTreeMap<String, String>) -> Result<MeshPlan, PlanError>;
+
 use super::{
-    Families, PlanDefaults, PlanError, REDIRECT, RedirectPlan, annotations, consul, istio, kuma,
-    linkerd,
+    Families, MeshPlan, PlanDefaults, PlanError, REDIRECT, RedirectPlan, annotations, consul,
+    istio, kuma, linkerd,
 };
 
 /// Which annotation set a plan came from (shown by `sluicectl explain` and recorded).
@@ -124,30 +129,34 @@ pub fn decide_for(
             });
         }
         Some((linkerd::plan(annotations)?, Profile::Linkerd))
-    } else if kuma::injected(annotations) {
-        if !defaults.kuma {
+    } else if let Some((profile, enabled, plan)) = [
+        (
+            Profile::Kuma,
+            kuma::injected as Gate,
+            defaults.kuma,
+            kuma::plan as MeshFn,
+        ),
+        (
+            Profile::Consul,
+            consul::injected,
+            defaults.consul,
+            consul::plan,
+        ),
+    ]
+    .into_iter()
+    .find(|(_, injected, ..)| injected(annotations))
+    .map(|(profile, _, enabled, plan)| (profile, enabled, plan))
+    {
+        if !enabled {
             return Ok(Decision::Skip {
-                reason: "kuma profile is disabled in the agent configuration".into(),
+                reason: format!("{profile} profile is disabled in the agent configuration"),
             });
         }
-        match kuma::plan(annotations)? {
-            kuma::Kuma::Skip(reason) => return Ok(Decision::Skip { reason }),
-            kuma::Kuma::Capture { plan, ipv6 } => {
+        match plan(annotations)? {
+            MeshPlan::Skip(reason) => return Ok(Decision::Skip { reason }),
+            MeshPlan::Capture { plan, ipv6 } => {
                 ipv4_only = !ipv6;
-                Some((plan, Profile::Kuma))
-            }
-        }
-    } else if consul::injected(annotations) {
-        if !defaults.consul {
-            return Ok(Decision::Skip {
-                reason: "consul profile is disabled in the agent configuration".into(),
-            });
-        }
-        match consul::plan(annotations)? {
-            consul::Consul::Skip(reason) => return Ok(Decision::Skip { reason }),
-            consul::Consul::Capture { plan, ipv6 } => {
-                ipv4_only = !ipv6;
-                Some((plan, Profile::Consul))
+                Some((plan, profile))
             }
         }
     } else if opted_in {

@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::values::invalid;
-use super::{Cidrs, Loopback, PlanError, Ports, Proto, RedirectPlan, UidPorts};
+use super::{Cidrs, Loopback, MeshPlan, PlanError, Ports, Proto, RedirectPlan, UidPorts};
 
 /// The transparent-proxy configuration (Kuma ≥ 2.9): the profile's trigger.
 pub const CONFIG: &str = sluice_proto::annotations::KUMA_CONFIG;
@@ -101,29 +101,20 @@ struct Vnet {
     networks: Vec<String>,
 }
 
-/// What a Kuma pod gets: its plan and whether IPv6 is captured at all (`ipFamilyMode`), or
-/// why it is left alone.
-// One exists per decision and is matched right away (as `Decision`).
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Kuma {
-    Capture { plan: RedirectPlan, ipv6: bool },
-    Skip(String),
-}
-
 /// kuma-cni's gate and the plan from the pod's configuration.
-pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Kuma, PlanError> {
+pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<MeshPlan, PlanError> {
     let Some(text) = ann.get(CONFIG) else {
-        return Ok(Kuma::Skip(format!("mesh gate: no {CONFIG}")));
+        return Ok(MeshPlan::Skip(format!("mesh gate: no {CONFIG}")));
     };
     let bad = |reason: String| invalid(CONFIG, text, reason);
     if ann.get(SIDECAR_INJECTED).map(|v| v.trim()) != Some("true") {
-        return Ok(Kuma::Skip(format!(
+        return Ok(MeshPlan::Skip(format!(
             "mesh gate: {SIDECAR_INJECTED} is not \"true\""
         )));
     }
     let config: Config = serde_yaml_ng::from_str(text).map_err(|e| bad(format!("{e}")))?;
     if config.cni_mode == Some(false) {
-        return Ok(Kuma::Skip(
+        return Ok(MeshPlan::Skip(
             "mesh gate: cniMode is false, so kuma-init was injected and captures the pod itself"
                 .to_owned(),
         ));
@@ -268,7 +259,7 @@ pub(super) fn plan(ann: &BTreeMap<String, String>) -> Result<Kuma, PlanError> {
     // does not write those rules (docs/annotations.md, "Kuma profile"): the packets' fate is
     // the same, the DNS proxy's upstream queries share the app's conntrack zone.
     let _ = dns.skip_conntrack_zone_split;
-    Ok(Kuma::Capture {
+    Ok(MeshPlan::Capture {
         plan: RedirectPlan {
             include_inbound_ports,
             exclude_inbound_ports: inbound.exclude_ports.clone(),

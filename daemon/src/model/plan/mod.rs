@@ -244,6 +244,15 @@ pub struct ConsulDns {
     pub port: Option<u16>,
 }
 
+/// What a profile with its own configuration and gate (Kuma, Consul) makes of a pod: its plan
+/// and whether IPv6 is captured at all, or why the pod is left alone.
+// One exists per decision and is matched right away (as `Decision`).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum MeshPlan {
+    Capture { plan: RedirectPlan, ipv6: bool },
+    Skip(String),
+}
+
 /// One exclusion by user and port: `proto` traffic of `uid` to `ports` (inclusive; `None`
 /// for every port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
